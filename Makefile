@@ -1,0 +1,43 @@
+# recforge — `make demo` runs the pipeline on the shipped sample, `make test` runs the tests.
+# Both create .venv and install into it when missing.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RF := $(VENV)/bin/recforge
+RUNS ?= runs
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.recforge-installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-all data cpt sft publish generate-tags align embed eval eval-ctr bench tiny-model clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip setuptools wheel
+	$(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+tiny-model: $(STAMP)
+	test -f $(RUNS)/tiny-model/config.json || $(RF) model tiny --out $(RUNS)/tiny-model
+
+data: $(STAMP)
+	$(RF) data data_recipes/recipes/esci_search.yaml out_dir=$(RUNS)/data/esci
+	$(RF) data data_recipes/recipes/goodbooks.yaml out_dir=$(RUNS)/data/goodbooks
+
+demo: data
+	@echo
+	@echo "demo outputs:"
+	@echo "  $(RUNS)/data/esci       ESCI search corpora (items, queries, query_item, in_context, pairs)"
+	@echo "  $(RUNS)/data/goodbooks  goodbooks in-context, reading, pair and mix corpora"
+
+clean:
+	rm -rf $(RUNS) .pytest_cache

@@ -1,0 +1,1 @@
+"""Contrastive alignment into text-embedding models, catalogue embedding, retrieval and CTR evaluation."""

@@ -1,0 +1,1 @@
+"""Corpus builders: logs and catalogues -> CPT, in-context, reading and contrastive corpora."""

@@ -1,0 +1,1 @@
+"""Continual pre-training and LoRA/QLoRA fine-tuning."""

@@ -1,0 +1,1 @@
+"""Mass knowledge generation (vLLM on GPUs, transformers on CPU)."""

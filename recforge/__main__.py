@@ -1,0 +1,5 @@
+import sys
+
+from recforge.cli import main
+
+sys.exit(main())

@@ -1,0 +1,123 @@
+"""Files: atomic writes, Parquet shards, hashing, and `sample://` paths to the shipped data."""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+SAMPLE_SCHEME = "sample://"
+
+
+def samples_dir() -> Path:
+    """Folder of the shipped sample datasets (installed with the package)."""
+    from recforge import data_recipes
+
+    return Path(data_recipes.__file__).resolve().parent / "samples"
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """`sample://esci_us_titles/products.jsonl.gz` -> the shipped copy; anything else -> an expanded Path."""
+    text = os.fspath(path)
+    if text.startswith(SAMPLE_SCHEME):
+        return samples_dir() / text[len(SAMPLE_SCHEME) :]
+    return Path(os.path.expandvars(text)).expanduser()
+
+
+def open_text(path: str | os.PathLike, errors: str = "strict") -> IO[str]:
+    """Open a text file for reading, transparently un-gzipping `.gz`."""
+    path = resolve_path(path)
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8", errors=errors, newline="")
+    return open(path, encoding="utf-8", errors=errors, newline="")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(resolve_path(path), "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it is fsynced and renamed over `path`.
+
+    A crash leaves either the old file or the new one, never a half-written file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def write_parquet_atomic(table, path: str | os.PathLike) -> None:
+    """Write a pyarrow Table to Parquet atomically."""
+    import pyarrow.parquet as pq
+
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def write_parquet_shards(table, out_dir: str | os.PathLike, prefix: str, rows_per_shard: int = 100_000) -> list[Path]:
+    """Split a pyarrow Table into `prefix-00000-of-0000N.parquet` shards (the naming `datasets` expects)."""
+    out_dir = Path(out_dir)
+    n = max(1, -(-table.num_rows // rows_per_shard))
+    paths = []
+    for i in range(n):
+        part = table.slice(i * rows_per_shard, rows_per_shard)
+        p = out_dir / f"{prefix}-{i:05d}-of-{n:05d}.parquet"
+        write_parquet_atomic(part, p)
+        paths.append(p)
+    return paths
+
+
+class JsonlAppender:
+    """Append JSON lines with a flush + fsync per batch, for logs that must survive a kill (rejects, failures)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def write(self, obj: dict) -> None:
+        self._f.write(json.dumps(obj, ensure_ascii=False, default=str) + "\n")
+
+    def flush(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self.flush()
+            self._f.close()
+
+    def __enter__(self) -> "JsonlAppender":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
