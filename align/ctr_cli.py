@@ -1,0 +1,34 @@
+"""CLI of the CTR bridge: `recforge eval ctr RECIPE` and `recforge export-features RECIPE`."""
+
+from __future__ import annotations
+
+import argparse
+
+from recforge.cli import add_recipe_args
+
+
+def _eval_ctr(args: argparse.Namespace) -> int:
+    from recforge.align.ctr_config import CTRRecipe
+    from recforge.align.ctr_run import run_ctr
+    from recforge.config import load_recipe
+
+    run_ctr(load_recipe(CTRRecipe, args.recipe, args.overrides))
+    return 0
+
+
+def _export_features(args: argparse.Namespace) -> int:
+    from recforge.align.ctr_config import ExportFeaturesRecipe
+    from recforge.align.ctr_run import run_export_features
+    from recforge.config import load_recipe
+
+    run_export_features(load_recipe(ExportFeaturesRecipe, args.recipe, args.overrides))
+    return 0
+
+
+def add_commands(sub, eval_sub) -> None:
+    ctr = eval_sub.add_parser("ctr", help="CTR AUC lift of text / knowledge features (DIN or DCN-v2, KAR vs MLP adaptor)")
+    add_recipe_args(ctr)
+    ctr.set_defaults(handler=_eval_ctr)
+    export = sub.add_parser("export-features", help="id -> vector Parquet table with a JSON contract, for ranking jobs")
+    add_recipe_args(export)
+    export.set_defaults(handler=_export_features)

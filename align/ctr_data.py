@@ -1,0 +1,174 @@
+"""CTR samples from behaviour logs, with KAR's leakage guard and a user split.
+
+Per user, events are ordered by time. The first min((n+1)//2, max_prompt_items) events feed the
+text features only (the user's history text, knowledge prompts) and never become CTR samples;
+every later event is a sample whose label is `label >= positive_threshold` and whose behaviour
+history is the user's preceding events. Users are split train/valid/test by a salted hash of the
+user id, so a user's samples never straddle train and test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from recforge.records import Item
+
+
+def hash_unit(key: str, salt: str) -> float:
+    """A stable number in [0, 1) for a key: the same on every machine and run."""
+    digest = hashlib.blake2b(f"{salt}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def assign_user_splits(user_ids: list[str], test_fraction: float, valid_fraction: float, salt: str) -> dict[str, str]:
+    """9:1 train/test by hash; `valid_fraction` of the training users become validation."""
+    splits = {}
+    for user in user_ids:
+        u = hash_unit(user, salt)
+        if u < test_fraction:
+            splits[user] = "test"
+        elif u < test_fraction + valid_fraction * (1 - test_fraction):
+            splits[user] = "valid"
+        else:
+            splits[user] = "train"
+    return splits
+
+
+def apply_leakage_guard(events: pl.DataFrame, max_prompt_items: int) -> pl.DataFrame:
+    """Order each user's events and mark the prompt-only prefix (`is_prompt`) and positions (`pos`, `n`)."""
+    ordered = events.sort(["user_id", "timestamp", "line"], nulls_last=True)
+    return ordered.with_columns(
+        pos=pl.int_range(pl.len()).over("user_id"),
+        n=pl.len().over("user_id"),
+    ).with_columns(
+        is_prompt=pl.col("pos") < pl.min_horizontal((pl.col("n") + 1) // 2, pl.lit(max_prompt_items)),
+    )
+
+
+@dataclass
+class SampleArrays:
+    """Model inputs of one split; row i is one CTR sample."""
+
+    user_ids: np.ndarray  # object array of user id strings
+    target: np.ndarray  # (B,) item index (1..N; 0 = padding)
+    history: np.ndarray  # (B, L) item indices of preceding events, most recent last, 0-padded on the left
+    history_rating: np.ndarray  # (B, L) rating bucket of those events (0 = padding)
+    label: np.ndarray  # (B,) float32 0/1
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    def take(self, idx: np.ndarray) -> "SampleArrays":
+        return SampleArrays(self.user_ids[idx], self.target[idx], self.history[idx], self.history_rating[idx], self.label[idx])
+
+
+@dataclass
+class CTRData:
+    item_ids: list[str]  # item_ids[i - 1] is the item of index i
+    splits: dict[str, SampleArrays]
+    prompt_events: pl.DataFrame  # the guarded prefix of each user: text features only
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def item_index(self) -> dict[str, int]:
+        return {item: i + 1 for i, item in enumerate(self.item_ids)}
+
+
+def build_ctr_data(
+    events: pl.DataFrame,
+    items: list[Item],
+    *,
+    positive_threshold: float,
+    max_prompt_items: int,
+    history_length: int,
+    test_fraction: float,
+    valid_fraction: float,
+    salt: str,
+) -> CTRData:
+    """Events (readers' interaction frame, `label` = rating) -> guarded, split sample arrays."""
+    stats: dict[str, Any] = {"events": events.height}
+    no_label = events.filter(pl.col("label").is_null() | pl.col("item_id").is_null())
+    stats["events_without_label_or_item"] = no_label.height  # cannot be samples; reported, not dropped unseen
+    events = events.filter(pl.col("label").is_not_null() & pl.col("item_id").is_not_null())
+    guarded = apply_leakage_guard(events, max_prompt_items)
+
+    catalogue = sorted({it.item_id for it in items})
+    extra = sorted(set(guarded["item_id"].unique().to_list()) - set(catalogue))
+    stats["event_items_not_in_catalogue"] = len(extra)
+    item_ids = catalogue + extra
+    index = {item: i + 1 for i, item in enumerate(item_ids)}
+
+    item_idx = np.array([index[i] for i in guarded["item_id"].to_list()], dtype=np.int64)
+    ratings = np.clip(np.rint(guarded["label"].to_numpy()), 0, 10).astype(np.int64)
+    pos = guarded["pos"].to_numpy()
+    is_prompt = guarded["is_prompt"].to_numpy()
+    users = guarded["user_id"].to_numpy().astype(object)
+    labels = (guarded["label"].to_numpy() >= positive_threshold).astype(np.float32)
+
+    # History of the event at global row r: rows r-L .. r-1 of the same user (rows are user-contiguous).
+    rows = np.flatnonzero(~is_prompt)
+    offsets = rows[:, None] - history_length + np.arange(history_length)[None, :]
+    valid = (offsets >= (rows - pos[rows])[:, None])
+    safe = np.where(valid, offsets, 0)
+    history = np.where(valid, item_idx[safe], 0)
+    history_rating = np.where(valid, ratings[safe], 0)
+
+    user_split = assign_user_splits(sorted(set(users[rows])), test_fraction, valid_fraction, salt)
+    split_of_row = np.array([user_split[u] for u in users[rows]], dtype=object)
+    all_samples = SampleArrays(users[rows], item_idx[rows], history, history_rating, labels[rows])
+    splits = {name: all_samples.take(np.flatnonzero(split_of_row == name)) for name in ("train", "valid", "test")}
+
+    stats.update({
+        "users": int(guarded["user_id"].n_unique()),
+        "prompt_only_events": int(is_prompt.sum()),
+        "samples": {k: len(v) for k, v in splits.items()},
+        "positive_rate": {k: round(float(v.label.mean()), 4) if len(v) else None for k, v in splits.items()},
+        "users_per_split": {k: int(len(set(v.user_ids))) for k, v in splits.items()},
+    })
+    return CTRData(item_ids, splits, guarded.filter(pl.col("is_prompt")), stats)
+
+
+class _Blank(dict):
+    def __missing__(self, key: str) -> str:
+        return ""
+
+
+def render_template(template: str, values: dict[str, Any]) -> str:
+    """`{title} by {authors}` over a record: lists joined with ', ', missing fields empty."""
+    flat = _Blank({k: ", ".join(map(str, v)) if isinstance(v, list) else v for k, v in values.items() if v is not None})
+    try:
+        return " ".join(template.format_map(flat).split())
+    except (ValueError, TypeError):  # a numeric format spec on a missing (empty) value
+        return " ".join(template.format_map(_Blank({k: str(v) for k, v in flat.items()})).split())
+
+
+def item_texts(items: list[Item], template: str) -> dict[str, str]:
+    return {it.item_id: render_template(template, it.fields) for it in items}
+
+
+def user_history_texts(
+    prompt_events: pl.DataFrame,
+    items: dict[str, Item],
+    *,
+    user_template: str,
+    history_item_template: str,
+    max_history_items: int,
+    profiles: dict[str, dict[str, Any]] | None = None,
+    profile_template: str = "",
+) -> dict[str, str]:
+    """One text per user from the guarded prefix only (so text features never see a sample's label)."""
+    texts = {}
+    for (user,), group in prompt_events.group_by(["user_id"], maintain_order=True):
+        group = group.sort("pos").tail(max_history_items)
+        parts = []
+        for item_id, rating in zip(group["item_id"].to_list(), group["label"].to_list()):
+            fields = dict(items[item_id].fields) if item_id in items else {"title": f"item {item_id}"}
+            parts.append(render_template(history_item_template, {**fields, "rating": rating}))
+        profile = render_template(profile_template, (profiles or {}).get(user, {})) + " " if profile_template else ""
+        texts[user] = render_template(user_template, {"profile": profile, "history": "; ".join(parts)})
+    return texts

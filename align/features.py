@@ -1,0 +1,196 @@
+"""Versioned feature tables for ranking teams: `id -> vector` in Parquet plus a JSON contract.
+
+A table is a folder:
+
+    vectors.parquet   columns <id_column> (string), vector (fixed-size list of float32)
+    contract.json     embedding model and revision, dimension, dtype, normalisation, creation time,
+                      source data hashes, recforge version, row count, and a version string
+
+`load_feature_table` checks the contract against what a job expects and fails with a clear message
+on any mismatch (dimension, model, normalisation), on a vector of the wrong length, and on NaN/inf,
+naming the table and the offending ids. A ranking job should never silently read vectors from a
+different model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from recforge import __version__
+from recforge.config import RecforgeError
+from recforge.io import atomic_write_json, resolve_path, sha256_file, write_parquet_atomic
+
+CONTRACT_FILE = "contract.json"
+VECTORS_FILE = "vectors.parquet"
+
+
+class FeatureContractError(RecforgeError):
+    """A feature table does not match what the job expects, or holds bad vectors."""
+
+
+def model_revision(name_or_path: str) -> str:
+    """A revision for the embedding model: sha256 of its local weights, else the name as given.
+
+    For a hub id resolved through a local cache this is the weights' hash too, so two runs agree on
+    the revision exactly when they used the same weights.
+    """
+    path = resolve_path(name_or_path)
+    if path.is_dir():
+        for pattern in ("model.safetensors", "*.safetensors", "**/model.safetensors"):
+            found = sorted(path.glob(pattern))
+            if found:
+                return "sha256:" + sha256_file(found[0])
+    return f"name:{name_or_path}"
+
+
+@dataclass(frozen=True)
+class FeatureExpectation:
+    """What a consuming job requires of a table; None means 'any'."""
+
+    dimension: int | None = None
+    model: str | None = None  # name_or_path as recorded in the contract
+    model_revision: str | None = None
+    normalized: bool | None = None
+    entity: str | None = None
+
+
+def write_feature_table(
+    out_dir: str | Path,
+    *,
+    name: str,
+    entity: str,
+    ids: list[str],
+    vectors: np.ndarray,
+    model: str,
+    normalized: bool,
+    source_hashes: dict[str, str],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write `vectors.parquet` and `contract.json` atomically; returns the contract."""
+    import pyarrow as pa
+
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or len(ids) != vectors.shape[0]:
+        raise FeatureContractError(f"{name}: {len(ids)} ids for a vector block of shape {vectors.shape}")
+    _check_finite(name, ids, vectors)
+    if len(set(ids)) != len(ids):
+        raise FeatureContractError(f"{name}: duplicate ids in the table")
+    dim = int(vectors.shape[1])
+    id_column = f"{entity}_id"
+    table = pa.table({
+        id_column: pa.array(ids, pa.string()),
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim),
+    })
+    out = Path(out_dir)
+    write_parquet_atomic(table, out / VECTORS_FILE)
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    content_hash = hashlib.sha256(vectors.tobytes() + "\n".join(ids).encode()).hexdigest()
+    contract = {
+        "name": name,
+        "version": f"{name}@{created[:10]}-{content_hash[:12]}",
+        "entity": entity,
+        "id_column": id_column,
+        "rows": len(ids),
+        "model": {"name_or_path": model, "revision": model_revision(model)},
+        "dimension": dim,
+        "dtype": "float32",
+        "normalized": bool(normalized),
+        "created_at": created,
+        "source_hashes": dict(sorted(source_hashes.items())),
+        "content_sha256": content_hash,
+        "recforge_version": __version__,
+        **(extra or {}),
+    }
+    atomic_write_json(out / CONTRACT_FILE, contract)
+    return contract
+
+
+def _check_finite(name: str, ids: list[str], vectors: np.ndarray) -> None:
+    bad = ~np.isfinite(vectors).all(axis=1)
+    if bad.any():
+        where = [ids[i] for i in np.flatnonzero(bad)[:5]]
+        raise FeatureContractError(f"{name}: {int(bad.sum())} vector(s) hold NaN or inf, e.g. id {', '.join(where)}")
+
+
+def read_contract(table_dir: str | Path) -> dict[str, Any]:
+    path = Path(table_dir) / CONTRACT_FILE
+    if not path.is_file():
+        raise FeatureContractError(f"{table_dir}: no {CONTRACT_FILE}: not a recforge feature table")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def check_contract(contract: dict[str, Any], expect: FeatureExpectation, table: str) -> None:
+    problems = []
+    if expect.dimension is not None and contract["dimension"] != expect.dimension:
+        problems.append(f"dimension {contract['dimension']} != expected {expect.dimension}")
+    if expect.model is not None and contract["model"]["name_or_path"] != expect.model:
+        problems.append(f"model {contract['model']['name_or_path']!r} != expected {expect.model!r}")
+    if expect.model_revision is not None and contract["model"]["revision"] != expect.model_revision:
+        problems.append(f"model revision {contract['model']['revision']} != expected {expect.model_revision}")
+    if expect.normalized is not None and contract["normalized"] != expect.normalized:
+        problems.append(f"normalized={contract['normalized']} but the job expects normalized={expect.normalized}")
+    if expect.entity is not None and contract["entity"] != expect.entity:
+        problems.append(f"entity {contract['entity']!r} != expected {expect.entity!r}")
+    if problems:
+        raise FeatureContractError(f"feature table {table} ({contract.get('version')}) does not match: " + "; ".join(problems))
+
+
+def load_feature_table(table_dir: str | Path, expect: FeatureExpectation = FeatureExpectation()) -> tuple[list[str], np.ndarray, dict]:
+    """Read a table after checking its contract; returns (ids, float32 matrix, contract)."""
+    import pyarrow.parquet as pq
+
+    table_dir = Path(table_dir)
+    contract = read_contract(table_dir)
+    check_contract(contract, expect, str(table_dir))
+    table = pq.read_table(table_dir / VECTORS_FILE)
+    id_column = contract["id_column"]
+    if id_column not in table.column_names or "vector" not in table.column_names:
+        raise FeatureContractError(f"{table_dir}: expected columns {id_column!r} and 'vector', found {table.column_names}")
+    ids = [str(x) for x in table.column(id_column).to_pylist()]
+    rows = table.column("vector").to_pylist()
+    dim = contract["dimension"]
+    wrong = [ids[i] for i, v in enumerate(rows) if v is None or len(v) != dim]
+    if wrong:
+        raise FeatureContractError(
+            f"{table_dir}: {len(wrong)} vector(s) are not of the contract's dimension {dim}, e.g. id {', '.join(wrong[:5])}"
+        )
+    vectors = np.asarray(rows, dtype=np.float32).reshape(len(ids), dim)
+    _check_finite(str(table_dir), ids, vectors)
+    return ids, vectors, contract
+
+
+@dataclass
+class Coverage:
+    """How a feature table's ids line up with the ids a job needs (reported, never a crash)."""
+
+    table: str
+    needed: int
+    found: int
+    missing_ids: list[str]  # needed but absent from the table (they get a zero vector and a flag)
+    unused: int  # in the table but not needed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"table": self.table, "needed": self.needed, "found": self.found,
+                "missing": len(self.missing_ids), "missing_examples": self.missing_ids[:10], "unused": self.unused}
+
+
+def align_to_ids(table: str, ids: list[str], vectors: np.ndarray, needed: list[str]) -> tuple[np.ndarray, Coverage]:
+    """Rows of `vectors` in the order of `needed`; absent ids get zeros. Returns the matrix and its coverage."""
+    index = {i: n for n, i in enumerate(ids)}
+    out = np.zeros((len(needed), vectors.shape[1]), dtype=np.float32)
+    missing = []
+    for row, key in enumerate(needed):
+        pos = index.get(key)
+        if pos is None:
+            missing.append(key)
+        else:
+            out[row] = vectors[pos]
+    unused = len(set(ids) - set(needed))
+    return out, Coverage(table, len(needed), len(needed) - len(missing), missing, unused)
