@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.recforge-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all data cpt sft publish generate-tags align embed eval eval-ctr bench tiny-model clean
+.PHONY: install demo test test-all data cpt sft publish generate-tags align embed eval eval-ctr export-features bench tiny-model clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -38,6 +38,15 @@ demo: data
 	@echo "demo outputs:"
 	@echo "  $(RUNS)/data/esci       ESCI search corpora (items, queries, query_item, in_context, pairs)"
 	@echo "  $(RUNS)/data/goodbooks  goodbooks in-context, reading, pair and mix corpora"
+
+# CTR lift of text / knowledge features on the shipped goodbooks ratings, and on MovieLens-100K
+# where ../shared/data/movielens_100k exists (skipped with a reason otherwise; never committed).
+eval-ctr: $(STAMP)
+	$(RF) eval ctr align/recipes/ctr_goodbooks.yaml out_dir=$(RUNS)/ctr/goodbooks
+	$(RF) eval ctr align/recipes/ctr_movielens.yaml out_dir=$(RUNS)/ctr/movielens
+
+export-features: $(STAMP)
+	$(RF) export-features align/recipes/features_goodbooks_items.yaml out_dir=$(RUNS)/features/goodbooks_items
 
 clean:
 	rm -rf $(RUNS) .pytest_cache

@@ -178,3 +178,24 @@ def test_movielens_recipe_skips_cleanly_where_the_data_is_absent(tmp_path, repo_
                           capture_output=True, text=True, cwd=repo_root)
     assert proc.returncode == 0 and "skipped: input files absent" in proc.stdout
     assert not (tmp_path / "report.json").exists()
+
+
+def test_export_features_writes_a_table_a_job_can_check(tmp_path, minilm_dir):
+    from sentence_transformers import SentenceTransformer
+
+    from recforge.align.ctr_config import ExportFeaturesRecipe
+    from recforge.align.ctr_run import run_export_features
+
+    catalogue = tmp_path / "books.csv"
+    catalogue.write_text("book_id,title,authors\n1,Dune,Frank Herbert\n2,Emma,Jane Austen\n3,,\n", encoding="utf-8")
+    cfg = ExportFeaturesRecipe(name="books", out_dir=str(tmp_path / "table"), text_template="{title} by {authors}",
+                               source={"path": str(catalogue), "id": "book_id", "fields": {"title": "title", "authors": "authors"}})
+    contract = run_export_features(cfg)
+    assert contract["rows"] == 2 and contract["dimension"] == 384 and contract["model"]["revision"].startswith("sha256:53aa5117")
+    ids, vecs, _ = load_feature_table(tmp_path / "table", FeatureExpectation(dimension=384, model=str(minilm_dir),
+                                                                            normalized=True, entity="item"))
+    direct = SentenceTransformer(str(minilm_dir), device="cpu").encode(["Dune by Frank Herbert", "Emma by Jane Austen"],
+                                                                       normalize_embeddings=True)
+    assert ids == ["1", "2"] and np.allclose(vecs, direct, atol=1e-5)
+    rejects = (tmp_path / "table" / "rejects.jsonl").read_text()
+    assert '"line": 4' in rejects and "empty_text" in rejects  # the empty row is quarantined, not dropped silently
