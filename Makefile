@@ -39,6 +39,10 @@ demo: data
 	@echo "  $(RUNS)/data/esci       ESCI search corpora (items, queries, query_item, in_context, pairs)"
 	@echo "  $(RUNS)/data/goodbooks  goodbooks in-context, reading, pair and mix corpora"
 
+# Each benchmark prints ratios measured side by side in one run and writes JSON to bench/results/.
+bench: $(STAMP)
+	for script in bench/*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
 # CTR lift of text / knowledge features on the shipped goodbooks ratings, and on MovieLens-100K
 # where ../shared/data/movielens_100k exists (skipped with a reason otherwise; never committed).
 eval-ctr: $(STAMP)
