@@ -507,3 +507,40 @@ def read_interactions(src: SourceConfig, rejects: RejectLog, name: str = "intera
             chunk = []
     frames.append(pl.DataFrame(chunk, schema=schema, orient="row"))
     return pl.concat(frames, how="vertical", rechunk=True)
+
+
+def read_item_tags(src: SourceConfig, rejects: RejectLog, name: str = "item_tags"):
+    """Per-item tags (e.g. goodbooks shelves) -> a Polars frame (item_id, tag, count, rank).
+
+    The tags column holds a list of strings or of objects with `tag_name`/`name` (+ optional `count`);
+    rank keeps the file's order (most applied first).
+    """
+    import polars as pl
+
+    if not src.id:
+        raise RecforgeError(f"{name}.id: the id column of the tagged items must be set")
+
+    column = src.fields.get("tags", "tags")
+    rows: list[tuple] = []
+
+    def convert(values: dict, line: int):
+        item_id = coerce_id(values.get(src.id), src.id)
+        tags = values.get(column)
+        if not isinstance(tags, list):
+            raise _Skip("wrong_type", f"{column!r} must be a list of tags")
+        out = []
+        for rank, tag in enumerate(tags):
+            if isinstance(tag, dict):
+                label = tag.get("tag_name", tag.get("name"))
+                count = tag.get("count", 1)
+            else:
+                label, count = tag, 1
+            if not isinstance(label, str) or not label.strip() or isinstance(count, bool) or not isinstance(count, (int, float)):
+                raise _Skip("wrong_type", f"tag #{rank} of {column!r} has no text name or a non-numeric count")
+            out.append((item_id, label.strip(), float(count), rank))
+        return out
+
+    for tags in _convert_rows(src, rejects, name, {"id": src.id}, convert):
+        rows.extend(tags)
+    return pl.DataFrame(rows, schema={"item_id": pl.Utf8, "tag": pl.Utf8, "count": pl.Float64, "rank": pl.Int64},
+                        orient="row").unique(["item_id", "tag"], keep="first", maintain_order=True)
