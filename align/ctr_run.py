@@ -49,11 +49,29 @@ class TextEncoder:
                                  convert_to_numpy=True, show_progress_bar=len(texts) > 2000)
 
     def write_table(self, out_dir: Path, name: str, entity: str, texts: dict[str, str], sources: dict[str, str]) -> dict:
+        """Encode and write a table, unless `out_dir` already holds one of these exact texts from this model."""
+        cached = self.cached_table(out_dir, texts)
+        if cached is not None:
+            print(f"[features] {name}: reusing {out_dir} ({cached['version']})")
+            return cached
         ids = sorted(texts)
         vectors = self.encode([texts[i] for i in ids])
         return write_feature_table(out_dir, name=name, entity=entity, ids=ids, vectors=vectors, model=self.model_path,
                                    normalized=self.cfg.normalize, source_hashes=sources,
-                                   extra={"text_sha256": _texts_hash(texts)})
+                                   extra={"text_sha256": _texts_hash(texts), "max_seq_length": self.model.max_seq_length})
+
+    def cached_table(self, out_dir: Path, texts: dict[str, str]) -> dict | None:
+        from recforge.align.features import CONTRACT_FILE, model_revision
+
+        path = Path(out_dir) / CONTRACT_FILE
+        if not path.is_file():
+            return None
+        contract = json.loads(path.read_text(encoding="utf-8"))
+        same = (contract.get("text_sha256") == _texts_hash(texts)
+                and contract.get("model", {}).get("revision") == model_revision(self.model_path)
+                and contract.get("normalized") == self.cfg.normalize
+                and contract.get("max_seq_length") == self.model.max_seq_length)
+        return contract if same else None
 
     def expectation(self, entity: str) -> FeatureExpectation:
         return FeatureExpectation(dimension=self.model.get_embedding_dimension(), model=self.model_path,

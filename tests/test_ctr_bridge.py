@@ -199,3 +199,7 @@ def test_export_features_writes_a_table_a_job_can_check(tmp_path, minilm_dir):
     assert ids == ["1", "2"] and np.allclose(vecs, direct, atol=1e-5)
     rejects = (tmp_path / "table" / "rejects.jsonl").read_text()
     assert '"line": 4' in rejects and "empty_text" in rejects  # the empty row is quarantined, not dropped silently
+    # a rerun over the same texts and model reuses the table instead of re-encoding it
+    assert run_export_features(cfg)["version"] == contract["version"]
+    cfg.text_template = "{title}"
+    assert run_export_features(cfg)["version"] != contract["version"]
