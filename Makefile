@@ -39,6 +39,13 @@ demo: data
 	@echo "  $(RUNS)/data/esci       ESCI search corpora (items, queries, query_item, in_context, pairs)"
 	@echo "  $(RUNS)/data/goodbooks  goodbooks in-context, reading, pair and mix corpora"
 
+# NoteLLM-style tags for held-out goodbooks books: the tiny model fine-tuned by `make sft-tags`
+# when it exists (falls back to the tiny base model, and says so), validated, exported, scored.
+generate-tags: tiny-model
+	$(RF) generate generate/recipes/goodbooks_tags.yaml out_dir=$(RUNS)/generate/goodbooks_tags model.name_or_path=$(RUNS)/sft/goodbooks_tags/merged model.fallback=$(RUNS)/tiny-model --overwrite
+	$(RF) generate-export $(RUNS)/generate/goodbooks_tags --out $(RUNS)/generate/goodbooks_tags/features/features.parquet
+	$(RF) eval tags --pred $(RUNS)/generate/goodbooks_tags --out $(RUNS)/generate/goodbooks_tags/tag_eval.json
+
 # Each benchmark prints ratios measured side by side in one run and writes JSON to bench/results/.
 bench: $(STAMP)
 	for script in bench/*.py; do echo "== $$script"; $(PY) $$script || exit 1; done

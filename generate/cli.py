@@ -1,0 +1,160 @@
+"""generate's commands: `recforge generate`, `recforge generate-export`, `recforge prompts ...`, `recforge eval tags`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from recforge.config import RecforgeError
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from recforge.config import load_recipe
+    from recforge.generate.generate_config import GenerateConfig
+    from recforge.generate.runner import run_generate
+
+    cfg = load_recipe(GenerateConfig, args.recipe, args.overrides)
+    manifest = run_generate(cfg, shard=args.shard, force=args.force, progress=not args.no_progress, overwrite=args.overwrite)
+    p = manifest["progress"]
+    out = {o["name"]: o["rows"] for o in manifest["outputs"]}
+    print(
+        f"generate {manifest['fingerprint']['task']}: {out['generations']} rows, {out['failed']} failed "
+        f"(of {manifest['input_rows']} inputs) -> {manifest['outputs'][0]['path']}\n"
+        f"model: {manifest['model_used']['name_or_path']}"
+        + (f" + adapter {manifest['model_used']['adapter']}" if manifest["model_used"]["adapter"] else "")
+        + f" | this run: {p['rows_per_s']} rows/s, {p['tokens_per_s']} tokens/s, failure rate {p['failure_rate']:.1%}"
+    )
+    return 0 if manifest["complete"] else 1
+
+
+def _export(args: argparse.Namespace) -> int:
+    from recforge.generate.postprocess import export_features
+
+    manifest = export_features(args.runs, args.out, args.taxonomy_map, args.drop_unmapped, args.max_tags)
+    print(f"features: {manifest['outputs'][0]['rows']} entities -> {args.out}")
+    return 0
+
+
+def _prompts_list(args: argparse.Namespace) -> int:
+    from recforge.prompts import list_prompts, load_prompt
+
+    for name in list_prompts():
+        spec = load_prompt(name).spec
+        print(f"{name:22s} v{spec.version:4s} {spec.output.format:6s} {spec.description.strip()[:70]}")
+    return 0
+
+
+def _prompts_show(args: argparse.Namespace) -> int:
+    from recforge.prompts import load_prompt
+
+    t = load_prompt(args.name)
+    print(f"# {t.path}\n{t.source}\n# {t.path.with_suffix('.yaml')}\n{t.spec_text}", end="")
+    return 0
+
+
+def _prompts_render(args: argparse.Namespace) -> int:
+    from recforge.prompts import load_prompt, render_chat
+
+    t = load_prompt(args.name)
+    text = args.record
+    if text.startswith("@"):
+        from recforge.io import resolve_path
+
+        text = resolve_path(text[1:]).read_text(encoding="utf-8")
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise RecforgeError(f"--record: not valid JSON: {err}") from None
+    if not isinstance(record, dict):
+        raise RecforgeError("--record: must be a JSON object")
+    variables = dict(kv.split("=", 1) for kv in args.var)
+    messages = t.messages(record, str(record.get("id", "record")), variables)
+    if args.model:
+        from transformers import AutoTokenizer
+
+        print(render_chat(AutoTokenizer.from_pretrained(args.model), messages))
+    else:
+        print(json.dumps(messages, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _eval_tags(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from recforge.generate.postprocess import aggregate, load_taxonomy_map
+    from recforge.generate.tag_eval import evaluate_tags
+    from recforge.io import atomic_write_json
+
+    src = Path(args.pred)
+    ids = None
+    if src.is_dir():
+        from recforge.generate.runner import read_generations
+
+        rows = read_generations(src).to_pylist()
+        feats = aggregate(rows, load_taxonomy_map(args.taxonomy_map))
+        ids = {r["id"] for r in rows}
+        for failed in [src / "failed.jsonl", *src.glob("shard-*/failed.jsonl")]:
+            if failed.is_file():
+                ids |= {json.loads(line)["id"] for line in failed.read_text().splitlines() if line.strip()}
+        pred = {eid: f["tags"] for (etype, eid), f in feats.items() if etype == "item"}
+    else:
+        import pyarrow.parquet as pq
+
+        if not src.is_file():
+            raise RecforgeError(f"--pred: {src} is neither a generate run folder nor a features parquet file")
+        pred = {r["entity_id"]: list(r["tags"] or []) for r in pq.read_table(src).to_pylist() if r["entity_type"] == "item"}
+    result = evaluate_tags(pred, args.truth, k=args.k, truth_top=args.truth_top, split=args.split, ids=ids)
+    result["pred"] = str(src)
+    k = args.k
+    print(
+        f"tags vs shelf tags ({result['books']} {args.split} books, truth = top {args.truth_top} book shelves): "
+        f"precision@{k} {result[f'precision@{k}']:.4f}  recall@{k} {result[f'recall@{k}']:.4f}  "
+        f"(popular-tags baseline: P@{k} {result['popular_baseline'][f'precision@{k}']:.4f} R@{k} {result['popular_baseline'][f'recall@{k}']:.4f})"
+    )
+    if args.out:
+        atomic_write_json(args.out, result)
+    return 0
+
+
+def add_commands(sub, eval_sub) -> None:
+    from recforge.cli import add_recipe_args
+
+    gen = sub.add_parser("generate", help="mass generation (tags, summaries, queries, knowledge) from a recipe")
+    add_recipe_args(gen)
+    gen.add_argument("--shard", metavar="i/N", help="run data-parallel shard i of N (its own folder and seed offset)")
+    gen.add_argument("--force", action="store_true", help="resume into an output made with another fingerprint")
+    gen.add_argument("--overwrite", action="store_true", help="discard this output folder's previous rows and start over")
+    gen.add_argument("--no-progress", action="store_true", help="no progress bar (figures still go to progress.json)")
+    gen.set_defaults(handler=_generate)
+
+    exp = sub.add_parser("generate-export", help="normalise + aggregate generation runs into a features table")
+    exp.add_argument("runs", nargs="+", help="generate out_dir folders (tags, summary, queries, knowledge runs)")
+    exp.add_argument("--out", required=True, help="features .parquet to write")
+    exp.add_argument("--taxonomy-map", help="YAML/JSON mapping tag variant -> canonical tag")
+    exp.add_argument("--drop-unmapped", action="store_true", help="with --taxonomy-map: drop tags it does not map")
+    exp.add_argument("--max-tags", type=int, default=10)
+    exp.set_defaults(handler=_export)
+
+    prompts = sub.add_parser("prompts", help="inspect the prompt templates")
+    psub = prompts.add_subparsers(dest="prompts_command", required=True)
+    psub.add_parser("list", help="shipped tasks").set_defaults(handler=_prompts_list)
+    show = psub.add_parser("show", help="a template and its spec")
+    show.add_argument("name")
+    show.set_defaults(handler=_prompts_show)
+    render = psub.add_parser("render", help="render a template for one record")
+    render.add_argument("name")
+    render.add_argument("--record", required=True, help="JSON object, or @file.json")
+    render.add_argument("--var", action="append", default=[], metavar="key=value", help="template variable")
+    render.add_argument("--model", help="apply this model's chat template (default: print the messages)")
+    render.set_defaults(handler=_prompts_render)
+
+    tags = eval_sub.add_parser("tags", help="precision@k / recall@k of generated tags vs goodbooks shelf tags")
+    tags.add_argument("--pred", required=True, help="a generate run folder or a features parquet")
+    tags.add_argument("--truth", default="sample://goodbooks_10k_book_tags/books_tags.jsonl.gz")
+    tags.add_argument("--k", type=int, default=5)
+    tags.add_argument("--truth-top", type=int, default=10, help="truth = this many top book-describing shelves")
+    tags.add_argument("--split", default="heldout", choices=["heldout", "train", "all"])
+    tags.add_argument("--taxonomy-map")
+    tags.add_argument("--out", help="write the metrics JSON here")
+    tags.set_defaults(handler=_eval_tags)

@@ -1,0 +1,94 @@
+"""`recforge generate RECIPE.yaml key=value ...`: the recipe of a mass-generation run."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from recforge.config import RecipeModel
+
+
+class HistoryConfig(RecipeModel):
+    """Builds a user's `history` ([{title, rating}], time order) from id/rating lists and an item catalogue."""
+
+    items_path: str
+    item_id: str = "item_id"
+    title_field: str = "title"
+    ids_column: str = "item_ids"
+    ratings_column: str | None = None
+    kar_prefix: bool = Field(default=True, description="KAR leakage guard: keep only the first min((n+1)//2, 30) events")
+    min_events: int = 1
+
+
+class InputConfig(RecipeModel):
+    """Where the records come from.
+
+    kind=items: a catalogue read by `recforge.data_recipes.readers.read_items` (`fields` maps template
+    field -> column; malformed rows go to rejects.jsonl). kind=records: JSONL rows used as they are
+    (nested values such as a user's `history` list), `id` naming the id column.
+    """
+
+    path: str
+    kind: Literal["items", "records"] = "items"
+    format: Literal["auto", "jsonl", "csv", "tsv", "parquet"] = "auto"
+    id: str
+    fields: dict[str, str] = Field(default_factory=dict)
+    constants: dict[str, Any] = Field(default_factory=dict, description="added to every record, e.g. entity_type, domain")
+    split: Literal["all", "train", "heldout"] = Field(
+        default="all", description="keep one side of the book split: sha256('book:<id>') % 100 < 20 -> heldout (as finetune)"
+    )
+    limit: int | None = Field(default=None, ge=1)
+    history: HistoryConfig | None = Field(default=None, description="kind=records: build `history` for user prompts")
+
+
+class ModelConfig(RecipeModel):
+    name_or_path: str
+    revision: str | None = None
+    adapter: str | None = Field(default=None, description="a PEFT/LoRA adapter folder served on top of the model")
+    fallback: str | None = Field(default=None, description="used (and recorded) when name_or_path is a missing local path")
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+
+
+class EngineConfig(RecipeModel):
+    kind: Literal["transformers", "vllm"] = "transformers"
+    batch_size: int = Field(default=16, ge=1, description="transformers: rows per generate call")
+    device: str | None = None
+    cpu_threads: int | None = Field(default=None, ge=1, description="transformers on CPU: torch threads (1 is best for tiny models)")
+    max_model_len: int | None = None
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    gpu_memory_utilization: float = 0.9
+
+
+class SamplingOverrides(RecipeModel):
+    """Overrides of the prompt spec's default sampling (unset keys keep the spec's value)."""
+
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    n: int | None = Field(default=None, ge=1)
+    stop: list[str] | None = None
+
+
+class TaxonomyConfig(RecipeModel):
+    """A fixed tag vocabulary: listed, or the `top` most frequent book-describing shelf tags of the training books."""
+
+    tags: list[str] | None = None
+    from_book_tags: str | None = None
+    top: int = 100
+
+
+class GenerateConfig(RecipeModel):
+    task: str = Field(description="a shipped prompt name (interest_tags, ...) or a path to your own task.j2")
+    prompt_vars: dict[str, Any] = Field(default_factory=dict)
+    input: InputConfig
+    model: ModelConfig
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    sampling: SamplingOverrides = Field(default_factory=SamplingOverrides)
+    taxonomy: TaxonomyConfig | None = None
+    seed: int = 0
+    max_retries: int = Field(default=2, ge=0)
+    retry_temperature: float = Field(default=0.7, gt=0, description="retries of a greedy run sample at this temperature")
+    chunk_size: int = Field(default=64, ge=1, description="rows per output shard (the unit of resume)")
+    out_dir: str = "runs/generate/default"

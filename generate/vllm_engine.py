@@ -1,0 +1,192 @@
+"""The vLLM engine: offline `vllm.LLM` behind the same contract as the transformers engine.
+
+Imported lazily (vLLM is an optional extra: `pip install 'recforge[vllm]'`, CUDA hosts only). What it
+guards against, from experience with vLLM batch jobs:
+- `max_tokens` is always set (vLLM's default of 16 silently truncates);
+- prompts are tokenized here and checked against `max_model_len` before submission, so one over-long
+  prompt becomes that row's error instead of failing the whole `generate` call;
+- constraints go through the current `StructuredOutputsParams`; an installed vLLM without it cannot
+  enforce them, and we fail loudly rather than pass a parameter it would ignore;
+- each LoRA adapter gets one stable integer id (vLLM caches adapters by id: a new id per call reloads it,
+  the same id for two adapters serves the wrong one);
+- prefix caching is on: shared instructions sit first in every prompt (system turn, then the record).
+One engine per process: run shards as separate processes (see generate/README.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+from pathlib import Path
+
+from recforge.config import RecforgeError
+from recforge.generate.engine import Completion, Constraint, GenerationRequest, GenerationResult, check_unique_ids
+from recforge.generate.transformers_engine import encode_prompt
+
+
+def import_vllm():
+    try:
+        import vllm
+    except ImportError:
+        raise RecforgeError(
+            "engine.kind=vllm needs vLLM (CUDA hosts): pip install 'recforge[vllm]'; on CPU use engine.kind=transformers"
+        ) from None
+    return vllm
+
+
+def stable_adapter_id(adapter: str) -> int:
+    """A positive int32 id derived from the adapter's path and weights, identical in every process."""
+    path = Path(adapter)
+    h = hashlib.sha256(str(path.resolve() if path.exists() else adapter).encode())
+    weights = path / "adapter_model.safetensors"
+    if weights.is_file():
+        h.update(weights.read_bytes()[:1 << 20])
+    return int(h.hexdigest()[:8], 16) % (2**31 - 1) + 1
+
+
+class VLLMEngine:
+    name = "vllm"
+
+    def __init__(
+        self,
+        model: str,
+        revision: str | None = None,
+        adapter: str | None = None,
+        tensor_parallel_size: int = 1,
+        max_model_len: int | None = None,
+        gpu_memory_utilization: float = 0.9,
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+        seed: int = 0,
+        max_lora_rank: int = 64,
+        enable_prefix_caching: bool = True,
+    ):
+        vllm = import_vllm()
+        self.vllm = vllm
+        self.version = getattr(vllm, "__version__", "unknown")
+        kwargs = dict(
+            model=model,
+            revision=revision,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            seed=seed,
+            enable_prefix_caching=enable_prefix_caching,
+        )
+        if max_model_len:
+            kwargs["max_model_len"] = max_model_len
+        if adapter:
+            kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank)
+        self.llm = vllm.LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = self._engine_max_len() or max_model_len or 4096
+        self.lora_request = None
+        if adapter:
+            from vllm.lora.request import LoRARequest
+
+            self.lora_request = LoRARequest(Path(adapter).name or "adapter", stable_adapter_id(adapter), str(adapter))
+        self._structured_cls = None
+
+    def _engine_max_len(self) -> int | None:
+        try:
+            return int(self.llm.llm_engine.model_config.max_model_len)
+        except AttributeError:
+            return None
+
+    def render_chat(self, messages: list[dict]) -> str:
+        from recforge.prompts import render_chat
+
+        return render_chat(self.tokenizer, messages)
+
+    def count_tokens(self, text: str) -> int:
+        return len(encode_prompt(self.tokenizer, text))
+
+    # -------------------------------------------------------------- translation
+    def structured_outputs(self, constraint: Constraint):
+        """Constraint -> `StructuredOutputsParams(json=... | choice=... | regex=...)`, or a loud error."""
+        if self._structured_cls is None:
+            try:
+                from vllm.sampling_params import StructuredOutputsParams
+            except ImportError:
+                raise RecforgeError(
+                    f"vLLM {self.version} has no StructuredOutputsParams, so it cannot enforce the "
+                    f"{constraint.kind} constraint of this prompt; install vllm>=0.11 (older guided-decoding "
+                    "parameters are not used: some versions ignore them silently)"
+                ) from None
+            self._structured_cls = StructuredOutputsParams
+        cls = self._structured_cls
+        fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set(
+            inspect.signature(cls).parameters
+        )
+        if constraint.kind not in fields:
+            raise RecforgeError(f"vLLM {self.version}: StructuredOutputsParams has no {constraint.kind!r} constraint")
+        value = constraint.value
+        if constraint.kind == "json":
+            value = json.dumps(value)
+        elif constraint.kind == "choice":
+            value = list(value)
+        kwargs = {constraint.kind: value}
+        if "disable_any_whitespace" in fields:  # compact JSON, as the transformers engine's grammar
+            kwargs["disable_any_whitespace"] = True
+        return cls(**kwargs)
+
+    def sampling_params(self, req: GenerationRequest):
+        s = req.sampling
+        params = dict(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=s.seed, stop=list(s.stop))
+        if req.constraint is not None:
+            sig = inspect.signature(self.vllm.SamplingParams)
+            if "structured_outputs" not in sig.parameters and not any(
+                p.kind == p.VAR_KEYWORD for p in sig.parameters.values()
+            ):
+                raise RecforgeError(f"vLLM {self.version}: SamplingParams takes no structured_outputs")
+            params["structured_outputs"] = self.structured_outputs(req.constraint)
+        return self.vllm.SamplingParams(**params)
+
+    # -------------------------------------------------------------- the contract
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        check_unique_ids(requests)
+        results = [GenerationResult(r.request_id) for r in requests]
+        submit: list[int] = []
+        prompts, params = [], []
+        for i, req in enumerate(requests):
+            ids = encode_prompt(self.tokenizer, req.prompt)
+            results[i].prompt_tokens = len(ids)
+            if len(ids) + req.sampling.max_tokens > self.max_model_len:
+                results[i].error = (
+                    f"prompt_too_long: {len(ids)} prompt tokens + max_tokens {req.sampling.max_tokens} "
+                    f"> max_model_len {self.max_model_len}"
+                )
+                continue
+            params.append(self.sampling_params(req))  # a constraint vLLM cannot enforce raises here, before any work
+            prompts.append({"prompt_token_ids": ids})
+            submit.append(i)
+        if not submit:
+            return results
+        try:
+            outputs = self._generate(prompts, params)
+        except Exception:  # noqa: BLE001 - isolate the failing rows
+            outputs = []
+            for p, sp in zip(prompts, params):
+                try:
+                    outputs.append(self._generate([p], [sp])[0])
+                except Exception as err:  # noqa: BLE001
+                    outputs.append(f"engine_error: {type(err).__name__}: {err}")
+        for i, out in zip(submit, outputs):
+            if isinstance(out, str):
+                results[i].error = out
+                continue
+            reasons = [c.finish_reason for c in out.outputs]
+            if any(r not in ("stop", "length") for r in reasons):  # e.g. "abort": the row did not finish
+                results[i].error = f"engine_error: vLLM finish_reason {reasons}"
+                continue
+            results[i].completions = [Completion(c.text, c.finish_reason, len(c.token_ids)) for c in out.outputs]
+        return results
+
+    def _generate(self, prompts, params):
+        outputs = self.llm.generate(prompts, sampling_params=params, lora_request=self.lora_request, use_tqdm=False)
+        if len(outputs) != len(prompts):
+            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
+        return outputs

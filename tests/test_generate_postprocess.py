@@ -1,0 +1,151 @@
+"""JSON extraction, output validation, tag normalisation, feature export and the tag-quality metric."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from recforge.generate.parsing import ParseError, extract_json, parse_output
+from recforge.generate.postprocess import aggregate, normalize_tag, normalize_tags
+from recforge.generate.splits import book_split, shard_of
+from recforge.generate.tag_eval import book_shelf_tags, is_reader_shelf, precision_recall_at_k, read_truth
+from recforge.prompts import load_prompt
+
+BOOK_TAGS = "sample://goodbooks_10k_book_tags/books_tags.jsonl.gz"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"tags": ["a", "b"]}',
+        'Sure! ```json\n{"tags": ["a", "b"]}\n``` hope that helps',
+        'Here: {"tags": ["a", "b"]} and then some {trailing',
+        '{broken {"tags": ["a", "b"]}',
+    ],
+)
+def test_json_extraction_is_robust(text):
+    assert extract_json(text) == {"tags": ["a", "b"]}
+
+
+def test_validation_against_the_spec():
+    out = load_prompt("pseudo_queries").spec.output
+    assert parse_output('{"queries": ["a b", "c d", "e f"]}', out) == {"queries": ["a b", "c d", "e f"]}
+    with pytest.raises(ParseError) as err:
+        parse_output('{"queries": ["a b", "a b", "e f"]}', out)
+    assert err.value.reason == "schema_violation" and "queries" in err.value.detail
+    with pytest.raises(ParseError, match="invalid_json"):
+        parse_output('{"queries": ["a b", ', out)
+    cat = load_prompt("notellm_category").spec.output
+    assert parse_output(" fantasy\n", cat) == "fantasy"
+    with pytest.raises(ParseError, match="not_a_choice"):
+        parse_output("cooking", cat)
+
+
+def test_tag_normalisation():
+    assert normalize_tag("  Science_Fiction ") == "science-fiction"
+    assert normalize_tag("#YA") == "ya"
+    assert normalize_tag("Historical  Fiction") == "historical-fiction"
+    assert normalize_tags(["Sci-Fi", "sci fi", "science fiction", "SF", ""], {"sci-fi": "science-fiction", "sf": "science-fiction"}) == [
+        "science-fiction"
+    ]
+    assert normalize_tags(["fantasy", "weird"], {"fantasy": "fantasy"}, drop_unmapped=True) == ["fantasy"]
+
+
+def test_reader_shelves_are_filtered_by_rule():
+    for shelf in ["to-read", "currently-reading", "favorites", "owned", "books-i-own", "kindle", "library", "default",
+                  "read-in-2015", "5-stars", "all-time-favourites", "book-club", "to-buy", "ebook", "audiobook", "my-books"]:
+        assert is_reader_shelf(shelf), shelf
+    for shelf in ["fantasy", "historical-fiction", "classics", "young-adult", "20th-century", "1001-books", "science-fiction", "mystery"]:
+        assert not is_reader_shelf(shelf), shelf
+    tags = [{"tag_name": "to-read", "count": 100}, {"tag_name": "Fantasy", "count": 50}, {"tag_name": "favorites", "count": 40},
+            {"tag_name": "fantasy", "count": 5}, {"tag_name": "magic", "count": 30}]
+    assert book_shelf_tags(tags, 10) == ["fantasy", "magic"]
+
+
+def test_book_split_is_deterministic_and_about_ten_percent():
+    truth = read_truth(BOOK_TAGS, split="heldout", top=10)
+    train = read_truth(BOOK_TAGS, split="train", top=10)
+    assert not set(truth) & set(train)
+    assert 0.17 < len(truth) / (len(truth) + len(train)) < 0.23
+    assert all(book_split(b) == "heldout" for b in truth)
+    assert book_split("4") == book_split(4)
+    assert {shard_of(b, 2) for b in truth} == {0, 1}  # shards are not aligned with the split
+
+
+def test_precision_recall_at_k():
+    truth = {"1": ["fantasy", "magic", "classics", "adventure"], "2": ["romance", "drama"]}
+    pred = {"1": ["Fantasy", "to-read", "horror", "fantasy", "magic", "x", "y", "classics"], "2": []}
+    r = precision_recall_at_k(pred, truth, 5)
+    # Cleaned first: "to-read" (a reader shelf) and the duplicate "fantasy" do not take a slot.
+    assert r["precision@5"] == pytest.approx((2 / 5 + 0) / 2)
+    assert r["recall@5"] == pytest.approx((2 / 4 + 0) / 2)
+
+
+def test_split_and_prompt_match_finetunes_tags_recipe():
+    sft = pytest.importorskip("recforge.finetune.sft")
+    books = [json.loads(line) for line in __import__("gzip").open(__import__("recforge.io", fromlist=["resolve_path"]).resolve_path(BOOK_TAGS), "rt")]
+    assert all((book_split(b["book_id"]) == "heldout") == sft.held_out(f"book:{b['book_id']}", 20) for b in books)
+    b = books[0]
+    record = {"title": b["title"], "authors": b["authors"], "year": b.get("original_publication_year")}
+    ours = load_prompt("shelf_tags").render_user(record, str(b["book_id"]))
+    assert ours == sft.TAGS_INSTRUCTION.format(n=5) + "\nBook: " + sft.book_text(b)
+
+
+def test_aggregate_merges_runs_and_votes_tags():
+    rows = [
+        {"id": "b1", "entity_type": "item", "task": "interest_tags", "output": "", "outputs": [json.dumps({"tags": ["Fantasy", "magic"]}), json.dumps({"tags": ["magic", "dragons"]})]},
+        {"id": "b1", "entity_type": "item", "task": "item_summary", "output": json.dumps("A boy wizard."), "outputs": None},
+        {"id": "b1", "entity_type": "item", "task": "pseudo_queries", "output": "", "outputs": [json.dumps({"queries": ["wizard book", "Wizard  book", "magic school"]})]},
+        {"id": "u1", "entity_type": "user", "task": "kar_user_preference", "output": json.dumps({"preferences": [{"factor": "genre", "text": "likes fantasy"}]}), "outputs": None},
+    ]
+    feats = aggregate(rows)
+    b1 = feats[("item", "b1")]
+    assert b1["tags"] == ["magic", "fantasy", "dragons"]  # voted, then by first appearance
+    assert b1["summary"] == "A boy wizard." and b1["pseudo_queries"] == ["wizard book", "magic school"]
+    assert feats[("user", "u1")]["knowledge"] == "genre: likes fantasy"
+
+
+def test_export_writes_the_shared_features_schema(tmp_path):
+    from recforge.generate.postprocess import export_features
+    from recforge.generate.runner import output_schema
+    from recforge.records import features_schema
+
+    run = tmp_path / "run"
+    (run / "shards").mkdir(parents=True)
+    rows = [{"id": "7", "entity_type": "item", "task": "notellm_hashtags", "output": json.dumps({"hashtags": ["#Fantasy", "#fantasy", "#epic"]}),
+             "outputs": [json.dumps({"hashtags": ["#Fantasy", "#fantasy", "#epic"]})], "raw": "", "finish_reason": "stop",
+             "attempts": 1, "seed": 1, "prompt_tokens": 3, "completion_tokens": 4}]
+    pq.write_table(pa.Table.from_pylist(rows, schema=output_schema()), run / "shards" / "part-00000.parquet")
+    (tmp_path / "map.yaml").write_text("epic: epic-fantasy\n")
+    out = tmp_path / "features" / "features.parquet"
+    export_features([str(run)], str(out), taxonomy_map=str(tmp_path / "map.yaml"))
+    table = pq.read_table(out)
+    assert table.schema.equals(features_schema())
+    assert table.to_pylist() == [{"entity_type": "item", "entity_id": "7", "tags": ["fantasy", "epic-fantasy"], "summary": None, "pseudo_queries": [], "knowledge": None}]
+    assert (out.parent / "manifest.json").is_file()
+
+
+def test_user_history_keeps_the_kar_leakage_guarded_prefix(tmp_path):
+    from recforge.generate.generate_config import GenerateConfig
+    from recforge.generate.runner import read_records
+
+    cfg = GenerateConfig.model_validate({
+        "task": "kar_user_preference",
+        "input": {"path": "sample://goodbooks_10k_ratings_subset/sequences.jsonl.gz", "kind": "records", "id": "user_id",
+                  "constants": {"entity_type": "user", "domain": "books"}, "limit": 40,
+                  "history": {"items_path": "sample://goodbooks_10k_ratings_subset/items.jsonl.gz", "item_id": "book_id",
+                              "ids_column": "book_ids", "ratings_column": "ratings", "min_events": 2}},
+        "model": {"name_or_path": "unused"},
+    })
+    records = read_records(cfg, tmp_path / "rejects.jsonl")
+    rejected = [json.loads(x) for x in (tmp_path / "rejects.jsonl").read_text().splitlines()]
+    assert len(records) == 40 and all(r["reason"] == "short_history" for r in rejected) and rejected
+    uid, rec = next((u, r) for u, r in records if len(r["book_ids"]) >= 7)
+    n = len(rec["book_ids"])
+    assert len(rec["history"]) == min((n + 1) // 2, 30)
+    assert rec["history"][0]["rating"] == rec["ratings"][0] and rec["history"][0]["title"]
+    text = load_prompt("kar_user_preference").render_user(rec, uid)
+    assert f'"{rec["history"][0]["title"]}", {rec["ratings"][0]} stars' in text

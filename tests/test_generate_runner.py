@@ -1,0 +1,186 @@
+"""`recforge generate` end to end on the tiny model: outputs, failures with reasons, resume, fingerprints, shards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from recforge.cli import main
+from recforge.config import RecforgeError, load_recipe
+from recforge.generate.generate_config import GenerateConfig
+from recforge.generate.runner import read_generations, run_generate
+
+TAXONOMY = ["fantasy", "fiction", "classics", "romance", "mystery", "young-adult", "history", "science-fiction"]
+
+
+def write_items(path: Path, n: int, extra: list[dict] | None = None) -> Path:
+    rows = [{"book_id": i, "title": f"The {w} of book {i}", "authors": ["A. Writer"], "original_publication_year": 1900 + i}
+            for i, w in zip(range(1, n + 1), ["night", "sea", "garden", "war", "road", "star"] * 100)]
+    rows += extra or []
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def recipe(tmp_path: Path, model: Path, items: Path, **over) -> Path:
+    data = {
+        "task": "interest_tags",
+        "prompt_vars": {"k": 3, "show_taxonomy": False},
+        "input": {"path": str(items), "kind": "items", "id": "book_id",
+                  "fields": {"title": "title", "authors": "authors", "year": "original_publication_year"},
+                  "constants": {"entity_type": "item"}},
+        "taxonomy": {"tags": TAXONOMY},
+        "model": {"name_or_path": str(model)},
+        "engine": {"kind": "transformers", "batch_size": 8, "max_model_len": 256, "cpu_threads": 1},
+        "sampling": {"max_tokens": 24},
+        "chunk_size": 4,
+        "out_dir": str(tmp_path / "out"),
+    }
+    for k, v in over.items():
+        node = data
+        *parents, last = k.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = v
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def failed_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "failed.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gen")
+    items = write_items(tmp / "items.jsonl", 10, extra=[
+        {"book_id": 900, "title": "word " * 400},  # over the 256-token budget
+        {"book_id": 901, "authors": ["nobody"], "original_publication_year": 1},  # no title: the template cannot render
+    ])
+    rc = main(["generate", str(recipe(tmp, tiny_model_dir, items)), "--no-progress"])
+    return tmp, rc
+
+
+def test_every_input_is_an_output_row_or_a_failure_with_reason(finished_run):
+    tmp, rc = finished_run
+    out = tmp / "out"
+    table = read_generations(out).to_pylist()
+    failed = failed_rows(out)
+    ids = [r["id"] for r in table] + [f["id"] for f in failed]
+    assert sorted(ids, key=int) == [str(i) for i in range(1, 11)] + ["900", "901"]
+    assert len(ids) == len(set(ids))
+    reasons = {f["id"]: f["reason"] for f in failed}
+    assert reasons["900"] == "prompt_too_long"
+    assert reasons["901"] == "render_error"
+    assert "record '901'" in next(f["detail"] for f in failed if f["id"] == "901")
+    schema = {"type": "object", "properties": {"tags": {"type": "array", "items": {"enum": TAXONOMY}, "maxItems": 5}}, "required": ["tags"]}
+    for row in table:
+        jsonschema.validate(json.loads(row["output"]), schema)
+        assert row["task"] == "interest_tags" and row["entity_type"] == "item" and row["completion_tokens"] > 0
+    assert rc == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] is True and manifest["input_rows"] == 12
+    assert manifest["fingerprint"]["template_hash"] and manifest["fingerprint"]["engine"] == "transformers"
+    assert manifest["fingerprint"]["model_digest"]
+    for key in ("rows_per_s", "tokens_per_s", "failure_rate", "eta_s"):
+        assert key in manifest["progress"]
+    assert manifest["rejects"]["by_reason"]["prompt_too_long"] == 1
+    assert (out / "resolved_config.yaml").is_file()
+
+
+def test_rows_failing_validation_are_retried_then_reported(tiny_model_dir, tmp_path):
+    items = write_items(tmp_path / "items.jsonl", 3)
+    # 2 tokens cannot hold a complete JSON object: every attempt is truncated.
+    rc = main(["generate", str(recipe(tmp_path, tiny_model_dir, items)), "sampling.max_tokens=2", "max_retries=2", "--no-progress"])
+    failed = failed_rows(tmp_path / "out")
+    assert rc == 0 and len(failed) == 3
+    assert all(f["reason"] == "truncated" and f["attempts"] == 3 for f in failed)
+
+
+def test_rerun_skips_finished_rows_and_changed_fingerprint_is_refused(finished_run, tiny_model_dir):
+    tmp, _ = finished_run
+    out = tmp / "out"
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
+    n_failed = len(failed_rows(out))
+    cfg = load_recipe(GenerateConfig, tmp / "recipe.yaml", ["engine.batch_size=3"])
+    manifest = run_generate(cfg, progress=False)
+    assert manifest["progress"]["rows_done"] == 0 and manifest["complete"]
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()} == before
+    assert len(failed_rows(out)) == n_failed  # not duplicated by the rerun
+
+    changed = load_recipe(GenerateConfig, tmp / "recipe.yaml", ["sampling.max_tokens=20"])
+    with pytest.raises(RecforgeError, match=r"another fingerprint \(differs in: sampling\)"):
+        run_generate(changed, progress=False)
+    manifest = run_generate(changed, force=True, progress=False)
+    assert manifest["fingerprint_history"][-1]["sampling"]["max_tokens"] == 24
+    assert manifest["progress"]["rows_done"] == 0  # --force keeps the finished rows
+
+    manifest = run_generate(changed, overwrite=True, progress=False)  # --overwrite starts over
+    assert manifest["progress"]["rows_done"] + manifest["progress"]["rows_failed"] == 12
+    assert manifest["fingerprint_history"] == [] and manifest["complete"]
+
+
+def test_shards_partition_the_input(tiny_model_dir, tmp_path):
+    items = write_items(tmp_path / "items.jsonl", 8)
+    path = recipe(tmp_path, tiny_model_dir, items, **{"sampling.max_tokens": 12})
+    for i in range(2):
+        assert main(["generate", str(path), "--shard", f"{i}/2", "--no-progress"]) == 0
+    parts = []
+    for i in range(2):
+        d = tmp_path / "out" / f"shard-{i:05d}-of-00002"
+        rows = read_generations(d).to_pylist() + failed_rows(d)
+        parts.append({r["id"] for r in rows})
+        assert json.loads((d / "fingerprint.json").read_text())["current"]["shard"] == f"{i}/2"
+    assert not parts[0] & parts[1] and parts[0] | parts[1] == {str(i) for i in range(1, 9)}
+    assert parts[0] and parts[1]
+    assert len(read_generations(tmp_path / "out")) + sum(len(failed_rows(tmp_path / "out" / f"shard-{i:05d}-of-00002")) for i in range(2)) == 8
+    with pytest.raises(SystemExit):
+        main(["generate", str(path), "--shard"])
+    assert main(["generate", str(path), "--shard", "2/2"]) == 2
+
+
+def test_missing_model_falls_back_and_says_so(tiny_model_dir, tmp_path, capsys):
+    items = write_items(tmp_path / "items.jsonl", 2)
+    path = recipe(tmp_path, tiny_model_dir, items, **{"model.name_or_path": "runs/sft/does_not_exist", "model.fallback": str(tiny_model_dir), "sampling.max_tokens": 12})
+    assert main(["generate", str(path), "--no-progress"]) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["model_used"]["name_or_path"] == str(tiny_model_dir)
+    assert "does not exist; using model.fallback" in manifest["model_used"]["note"]
+    assert "does not exist; using model.fallback" in capsys.readouterr().err
+
+
+def test_bad_recipe_key_and_missing_input_are_clear_errors(tiny_model_dir, tmp_path, capsys):
+    items = write_items(tmp_path / "items.jsonl", 2)
+    path = recipe(tmp_path, tiny_model_dir, items)
+    assert main(["generate", str(path), "sampling.max_tokenz=3"]) == 2
+    assert "key 'sampling.max_tokenz': unknown key" in capsys.readouterr().err
+    assert main(["generate", str(path), f"input.path={tmp_path}/nope.jsonl"]) == 2
+    assert "nope.jsonl" in capsys.readouterr().err
+
+
+def test_prompts_cli(capsys, tiny_model_dir):
+    assert main(["prompts", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert "interest_tags" in listing and "kar_user_preference" in listing
+    assert main(["prompts", "show", "notellm_category"]) == 0
+    assert "[EMB]" in capsys.readouterr().out
+    assert main(["prompts", "render", "item_summary", "--record", '{"id": "b1", "title": "Dune {{ 7*7 }}"}', "--model", str(tiny_model_dir)]) == 0
+    text = capsys.readouterr().out
+    assert "Title: Dune {{ 7*7 }}" in text and "<|im_start|>assistant" in text
+    assert main(["prompts", "render", "item_summary", "--record", '{"id": "b2"}']) == 2
+    assert "record 'b2' is missing required field 'title'" in capsys.readouterr().err
+
+
+def test_eval_tags_cli_on_a_run(finished_run, tmp_path, capsys):
+    tmp, _ = finished_run
+    # The synthetic ids 1..10 are goodbooks ids too: score them against their real shelves (split=all).
+    assert main(["eval", "tags", "--pred", str(tmp / "out"), "--split", "all", "--out", str(tmp_path / "m.json")]) == 0
+    printed = capsys.readouterr().out
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert "precision@5" in printed and 0.0 <= m["precision@5"] <= 1.0
+    assert m["popular_baseline"]["precision@5"] > 0
