@@ -39,6 +39,20 @@ demo: data
 	@echo "  $(RUNS)/data/esci       ESCI search corpora (items, queries, query_item, in_context, pairs)"
 	@echo "  $(RUNS)/data/goodbooks  goodbooks in-context, reading, pair and mix corpora"
 
+# Continual pre-training demo: tiny model pre-trained on goodbooks, then CPT on ESCI with and
+# without general-text replay; report.json, loss.png and perplexity.png per run.
+cpt: tiny-model
+	$(RF) cpt-demo --out $(RUNS)/cpt --base-model $(RUNS)/tiny-model
+
+# Supervised fine-tuning (trl, completion-only loss): book -> shelf tags (generate's demo tagger)
+# and ESCI relevance as generation.
+sft: tiny-model
+	$(RF) sft finetune/recipes/sft_goodbooks_tags_tiny.yaml model.path=$(RUNS)/tiny-model out_dir=$(RUNS)/sft/goodbooks_tags
+	$(RF) sft finetune/recipes/sft_esci_relevance_tiny.yaml model.path=$(RUNS)/tiny-model out_dir=$(RUNS)/sft/esci_relevance
+
+publish: sft
+	$(RF) publish $(RUNS)/sft/goodbooks_tags --out $(RUNS)/publish/goodbooks_tags --merge
+
 # NoteLLM-style tags for held-out goodbooks books: the tiny model fine-tuned by `make sft-tags`
 # when it exists (falls back to the tiny base model, and says so), validated, exported, scored.
 generate-tags: tiny-model

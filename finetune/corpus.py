@@ -1,0 +1,63 @@
+"""Read corpus Parquet (recforge.records.corpus_schema) for training and evaluation."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from recforge.config import RecforgeError
+from recforge.io import resolve_path
+
+REQUIRED_COLUMNS = ("row_id", "source", "documents")
+
+
+def corpus_files(path: str) -> list[Path]:
+    """A Parquet file, or every `*.parquet` in a folder (shards), sorted."""
+    p = resolve_path(path)
+    if p.is_dir():
+        files = sorted(p.glob("*.parquet"))
+        if not files:
+            raise RecforgeError(f"corpus folder {path} holds no .parquet files")
+        return files
+    if not p.is_file():
+        raise RecforgeError(f"corpus not found: {path}")
+    return [p]
+
+
+def read_corpus(path: str, split: str | None = None, max_rows: int | None = None) -> list[dict]:
+    """Rows as dicts with `row_id`, `source`, `documents`; rows of another split are skipped.
+
+    A row without a `documents` list falls back to its `text` column as one document.
+    """
+    import pyarrow.parquet as pq
+
+    rows: list[dict] = []
+    for f in corpus_files(path):
+        try:
+            table = pq.read_table(f)
+        except Exception as err:  # pyarrow raises several types for a broken file
+            raise RecforgeError(f"{f}: not a readable Parquet file: {err}") from None
+        missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+        if missing:
+            raise RecforgeError(f"{f}: missing corpus column(s) {missing}; expected recforge.records.corpus_schema()")
+        cols = [c for c in ("row_id", "source", "documents", "text", "split") if c in table.column_names]
+        for row in table.select(cols).to_pylist():
+            if split is not None and row.get("split", split) != split:
+                continue
+            docs = row.get("documents") or ([row["text"]] if row.get("text") else [])
+            rows.append({"row_id": row["row_id"], "source": row["source"], "documents": docs})
+            if max_rows is not None and len(rows) >= max_rows:
+                return rows
+    if not rows:
+        raise RecforgeError(f"corpus {path}: no rows" + (f" with split == {split!r}" if split else ""))
+    return rows
+
+
+def weighted_rows(rows: list[dict], weight: float, rng: random.Random) -> list[dict]:
+    """`weight` x the rows: whole repeats for the integer part, a random sample for the fraction."""
+    whole = int(weight)
+    out = rows * whole
+    extra = round((weight - whole) * len(rows))
+    if extra:
+        out += rng.sample(rows, extra)
+    return out

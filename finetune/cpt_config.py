@@ -1,0 +1,105 @@
+"""Config of `recforge cpt`: continual pre-training (full, LoRA or QLoRA) on corpus Parquet.
+
+Every key is a recipe key (`finetune/recipes/cpt_*.yaml`) and can be overridden on the command line,
+e.g. `recforge cpt finetune/recipes/cpt_esci_tiny.yaml data.train.esci.path=/other/corpus training.max_steps=50`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from recforge.config import RecipeModel
+
+
+class ModelSettings(RecipeModel):
+    path: str  # local folder or hub id, loaded with from_pretrained
+    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    attn_implementation: str | None = None  # None = transformers' default (sdpa); "flash_attention_2" on GPU
+    trust_remote_code: bool = False  # never on unless the user says so
+    gradient_checkpointing: bool = False
+
+
+class LoraSettings(RecipeModel):
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    # "all-linear" = every linear layer but lm_head (peft's shortcut); or a list such as [q_proj, v_proj]
+    target_modules: list[str] | str = "all-linear"
+    # 4-bit settings, used when mode is qlora
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class SourceSettings(RecipeModel):
+    """One corpus in the training mix (a Parquet file or a folder of Parquet shards in corpus_schema)."""
+
+    path: str
+    split: str | None = "train"  # keep rows whose `split` equals this (None = all rows)
+    # rows per epoch = weight x rows in the file: 2.0 repeats the source twice, 0.25 keeps a random quarter
+    weight: float = Field(1.0, gt=0)
+    max_rows: int | None = None
+
+
+class EvalSourceSettings(RecipeModel):
+    """A held-out text set whose loss and perplexity are tracked before, during and after training."""
+
+    path: str
+    split: str | None = None
+    max_rows: int | None = 500
+
+
+class DataSettings(RecipeModel):
+    """Sources by name, so any path is overridable: `data.train.esci.path=/other/corpus`."""
+
+    train: dict[str, SourceSettings]
+    eval: dict[str, EvalSourceSettings] = Field(default_factory=dict)
+
+
+class TokenSettings(RecipeModel):
+    """Added special tokens (e.g. CPRM's `<|startofpiece|>` field pieces)."""
+
+    add: list[str] = Field(default_factory=list)
+    # also add the `special_tokens` listed in this data manifest.json (a data_recipes run's manifest)
+    from_manifest: str | None = None
+    # how new embedding / lm_head rows start: the mean of the existing rows, or the mean of the rows of
+    # the token's own description text (`descriptions[token]`, falls back to mean)
+    init: Literal["mean", "description"] = "mean"
+    descriptions: dict[str, str] = Field(default_factory=dict)
+
+
+class TrainingSettings(RecipeModel):
+    max_steps: int = -1  # > 0 overrides epochs
+    epochs: float = 1.0
+    per_device_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "cosine"
+    warmup_steps: float = 0  # int = steps, float in [0, 1) = ratio of total steps
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    logging_steps: int = 10
+    eval_steps: int | None = None  # None = evaluate only before and after
+    save_steps: int = 500
+    save_total_limit: int | None = 2
+    bf16: bool = False
+    dataloader_num_workers: int = 0
+    report_to: list[str] = Field(default_factory=list)  # e.g. [wandb]; nothing by default
+    # diagnostics: write out_dir/batches.rank<R>.jsonl, the row fingerprints each rank trained on per step
+    # (check data sharding across processes, or data order after a resume)
+    trace_batches: bool = False
+
+
+class CPTConfig(RecipeModel):
+    model: ModelSettings
+    mode: Literal["full", "lora", "qlora"] = "lora"
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    data: DataSettings
+    packing: Literal["isolated", "connected", "off"] = "isolated"
+    max_length: int = Field(512, ge=8)
+    tokens: TokenSettings = Field(default_factory=TokenSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    seed: int = 0
+    out_dir: str = "runs/cpt/esci"

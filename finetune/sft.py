@@ -1,0 +1,293 @@
+"""`recforge sft`: chat-formatted supervised fine-tuning with trl's SFTTrainer, loss on completions only.
+
+trl (not the bare Trainer) because it already does what SFT needs: chat templating of
+prompt-completion examples, the completion-only loss mask, and peft wiring. Examples are built
+here per task (see `sft_config.py`), split by a stable id hash so held-out queries/books/items are
+never trained on; after training the model generates for the held-out examples and the task
+metrics (accuracy + macro-F1 for relevance, tag precision/recall/F1 for tags) go to `metrics.json`.
+
+Outputs in `out_dir`: `model/` (adapter or full model + tokenizer), `merged/` when `merge: true`
+(plain `from_pretrained` / vLLM-loadable, after a logit-parity check), `metrics.json`,
+`eval_ids.json` (the held-out ids), `resolved_config.yaml`, `manifest.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+from recforge.config import RecforgeError
+from recforge.io import atomic_write_json, open_text, resolve_path
+from recforge.manifest import RunRecorder
+
+from .sft_config import SFTConfig
+
+RELEVANCE_INSTRUCTION = "Grade how relevant the product is to the search query. Answer with one word: {labels}."
+TAGS_INSTRUCTION = "List {n} shelf tags readers would give this book, comma-separated."
+DISTILL_INSTRUCTION = {"tags": "List tags for this item, comma-separated.", "summary": "Summarise this item.",
+                       "knowledge": "Describe what a shopper should know about this item.",
+                       "pseudo_queries": "Write search queries that should find this item, one per line."}
+
+
+def held_out(key: str, percent: int) -> bool:
+    return int(hashlib.sha256(key.encode()).hexdigest(), 16) % 100 < percent
+
+
+def _jsonl(path: str):
+    p = resolve_path(path)
+    if not p.is_file():
+        raise RecforgeError(f"file not found: {path}")
+    with open_text(p) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise RecforgeError(f"{path}:{n}: not valid JSON: {err}") from None
+
+
+def _example(key: str, user: str, answer: str, target) -> dict:
+    return {"id": key, "prompt": [{"role": "user", "content": user}],
+            "completion": [{"role": "assistant", "content": answer}], "target": json.dumps(target)}
+
+
+def relevance_examples(cfg: SFTConfig) -> list[dict]:
+    d = cfg.relevance
+    queries = {str(q["query_id"]): q["query"] for q in _jsonl(d.queries)}
+    items = {str(p["product_id"]): p["product_title"] for p in _jsonl(d.items)}
+    instruction = RELEVANCE_INSTRUCTION.format(labels=", ".join(d.labels[k] for k in sorted(d.labels, reverse=True)))
+    out = []
+    for j in _jsonl(d.judgments):
+        qid, pid = str(j["query_id"]), str(j["product_id"])
+        if qid not in queries or pid not in items:
+            continue
+        label = d.labels[int(j["relevance"])]
+        user = f"{instruction}\nQuery: {queries[qid]}\nProduct: {items[pid]}"
+        ex = _example(f"{qid}|{pid}", user, label, label)
+        ex["group"] = qid  # split by query: a held-out query is never seen in training
+        out.append(ex)
+    return out
+
+
+def book_text(b: dict) -> str:
+    year = b.get("original_publication_year")
+    return f"{b['title']} by {', '.join(b.get('authors') or [])}" + (f" ({year})" if year else "")
+
+
+def tags_examples(cfg: SFTConfig) -> list[dict]:
+    d = cfg.tags
+    skip = set(d.skip_tags)
+    out = []
+    for b in _jsonl(d.books):
+        tags = [t["tag_name"] for t in sorted(b.get("tags", []), key=lambda t: -t["count"]) if t["tag_name"] not in skip]
+        tags = tags[: d.n_tags]
+        if not tags:
+            continue
+        ex = _example(f"book:{b['book_id']}", f"{TAGS_INSTRUCTION.format(n=d.n_tags)}\nBook: {book_text(b)}",
+                      ", ".join(tags), tags)
+        ex["group"] = ex["id"]
+        out.append(ex)
+    return out
+
+
+def distill_examples(cfg: SFTConfig) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    d = cfg.distill
+    if d is None:
+        raise RecforgeError("task: distill needs a `distill:` section (features, items)")
+    fpath = resolve_path(d.features)
+    if not fpath.exists():
+        raise RecforgeError(f"distill.features: not found: {d.features}")
+    feats = pq.read_table(fpath).to_pylist()
+    if "entity_id" not in (feats[0] if feats else {}):
+        raise RecforgeError(f"{d.features}: not a features table (recforge.records.features_schema())")
+    items = {}
+    for r in _jsonl(d.items) if not str(d.items).endswith(".parquet") else pq.read_table(resolve_path(d.items)).to_pylist():
+        items[str(r[d.item_id_field])] = " | ".join(str(r[f]) for f in d.text_fields if r.get(f))
+    out = []
+    for f in feats:
+        eid = str(f["entity_id"])
+        if f.get("entity_type", "item") != "item" or eid not in items:
+            continue
+        value = f.get(d.target)
+        if not value:
+            continue
+        answer = ", ".join(value) if d.target == "tags" else ("\n".join(value) if isinstance(value, list) else value)
+        ex = _example(f"item:{eid}", f"{DISTILL_INSTRUCTION[d.target]}\nItem: {items[eid]}", answer,
+                      value if d.target == "tags" else answer)
+        ex["group"] = ex["id"]
+        out.append(ex)
+    if not out:
+        raise RecforgeError(f"{d.features}: no item rows with a {d.target!r} value matched an item in {d.items}")
+    return out
+
+
+BUILDERS = {"relevance": relevance_examples, "tags": tags_examples, "distill": distill_examples}
+
+
+def split_examples(cfg: SFTConfig, examples: list[dict]) -> tuple[list[dict], list[dict]]:
+    train = [e for e in examples if not held_out(e["group"], cfg.eval_percent)]
+    evals = [e for e in examples if held_out(e["group"], cfg.eval_percent)]
+    if cfg.max_train_examples:
+        train = train[: cfg.max_train_examples]
+    if cfg.max_eval_examples:
+        evals = evals[: cfg.max_eval_examples]
+    if not train:
+        raise RecforgeError(f"task {cfg.task}: no training examples")
+    return train, evals
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def parse_tags(text: str) -> list[str]:
+    return [t.strip().lower() for t in re.split(r"[,\n]", text) if t.strip()]
+
+
+def relevance_metrics(preds: list[str], targets: list[str], labels: list[str]) -> dict:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    def first_label(text: str) -> str:
+        words = re.findall(r"[a-z]+", text.lower())
+        return next((w for w in words if w in labels), "none")
+
+    got = [first_label(p) for p in preds]
+    return {"accuracy": accuracy_score(targets, got),
+            "macro_f1": f1_score(targets, got, labels=labels, average="macro", zero_division=0),
+            "parsed": sum(g != "none" for g in got) / max(len(got), 1)}
+
+
+def tag_metrics(preds: list[str], targets: list[list[str]]) -> dict:
+    p = r = 0.0
+    for pred, gold in zip(preds, targets):
+        got, want = set(parse_tags(pred)), {t.lower() for t in gold}
+        hit = len(got & want)
+        p += hit / len(got) if got else 0.0
+        r += hit / len(want) if want else 0.0
+    n = max(len(preds), 1)
+    p, r = p / n, r / n
+    return {"tag_precision": p, "tag_recall": r, "tag_f1": 2 * p * r / (p + r) if p + r else 0.0}
+
+
+def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 16) -> list[str]:
+    """Greedy answers, tokenised exactly as trl tokenised the training prompts (the chat template)."""
+    import torch
+
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    stop = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    out = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            enc = tokenizer.apply_chat_template(prompts[i : i + batch_size], add_generation_prompt=True, tokenize=True,
+                                                return_dict=True, padding=True, return_tensors="pt")
+            enc = {k: v.to(model.device) for k, v in enc.items()}
+            with torch.no_grad():
+                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
+                                     pad_token_id=tokenizer.pad_token_id)
+            out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return [o.strip() for o in out]
+
+
+def task_metrics(cfg: SFTConfig, model, tokenizer, evals: list[dict]) -> dict:
+    if not evals:
+        return {}
+    preds = generate_answers(model, tokenizer, [e["prompt"] for e in evals], cfg.max_new_tokens)
+    targets = [json.loads(e["target"]) for e in evals]
+    if cfg.task == "relevance":
+        metrics = relevance_metrics(preds, targets, list(cfg.relevance.labels.values()))
+    elif cfg.task == "tags" or (cfg.distill and cfg.distill.target == "tags"):
+        metrics = tag_metrics(preds, targets)
+    else:
+        metrics = {"exact_match": sum(p.strip() == t.strip() for p, t in zip(preds, targets)) / len(preds)}
+    metrics["n_eval"] = len(evals)
+    metrics["examples"] = [{"id": e["id"], "target": t, "prediction": p} for e, t, p in list(zip(evals, targets, preds))[:5]]
+    return metrics
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
+    import datasets
+    from peft import LoraConfig
+    from transformers import set_seed
+    from trl import SFTConfig as TrlSFTConfig
+    from trl import SFTTrainer
+
+    from .cpt import last_checkpoint, load_model_and_tokenizer, multi_process_cpu
+
+    out_dir = Path(cfg.out_dir)
+    checkpoint = last_checkpoint(out_dir) if resume else None
+    if resume and checkpoint is None:
+        raise RecforgeError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}")
+    set_seed(cfg.seed)
+    run = RunRecorder(out_dir, "sft", cfg, cfg.seed)
+    examples = BUILDERS[cfg.task](cfg)
+    train, evals = split_examples(cfg, examples)
+    for src in _inputs(cfg):
+        run.add_input(src, name=cfg.task)
+
+    model, tokenizer = load_model_and_tokenizer(cfg)  # same loading rules as cpt (dtype, 4-bit check, safetensors)
+    peft_config = None
+    if cfg.mode in ("lora", "qlora"):
+        peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                 target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+    t = cfg.training
+    args = TrlSFTConfig(
+        output_dir=str(out_dir / "checkpoints"),
+        completion_only_loss=True,  # the loss mask: prompt tokens never count
+        max_length=cfg.max_length,
+        per_device_train_batch_size=t.per_device_batch_size,
+        per_device_eval_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        num_train_epochs=t.epochs, max_steps=t.max_steps, learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_steps, logging_steps=t.logging_steps,
+        save_steps=t.save_steps, save_total_limit=t.save_total_limit, bf16=t.bf16,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        report_to=t.report_to or "none", seed=cfg.seed, data_seed=cfg.seed, disable_tqdm=True,
+        dataset_num_proc=None,
+        use_cpu=multi_process_cpu(),
+    )
+    cols = ["prompt", "completion"]
+    trainer = SFTTrainer(
+        model=model, args=args, processing_class=tokenizer, peft_config=peft_config,
+        train_dataset=datasets.Dataset.from_list([{k: e[k] for k in cols} for e in train]),
+        eval_dataset=datasets.Dataset.from_list([{k: e[k] for k in cols} for e in evals]) if evals else None,
+    )
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    metrics = {"train_loss": result.training_loss, "steps": trainer.state.global_step,
+               "n_train": len(train), "n_eval": len(evals)}
+    if evals:
+        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+    metrics.update(task_metrics(cfg, trainer.model, tokenizer, evals))
+
+    model_dir = out_dir / "model"
+    trainer.save_model(str(model_dir))
+    (model_dir / "training_args.bin").unlink(missing_ok=True)  # keep the model folder pickle-free
+    tokenizer.save_pretrained(str(model_dir))
+    atomic_write_json(out_dir / "eval_ids.json", {"task": cfg.task, "held_out_percent": cfg.eval_percent,
+                                                  "eval_ids": [e["id"] for e in evals]})
+    if cfg.merge and cfg.mode != "full":
+        from .publish import merge_with_parity
+
+        metrics["merge_max_logit_diff"] = merge_with_parity(cfg.model_dump(), model_dir, tokenizer, out_dir, 1e-3, [])
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    run.add_output("model", model_dir, mode=cfg.mode)
+    run.extra.update({"eval": metrics, "train": {"steps": trainer.state.global_step, "resumed_from": checkpoint}})
+    run.finish()
+    return metrics
+
+
+def _inputs(cfg: SFTConfig) -> list[str]:
+    if cfg.task == "relevance":
+        return [cfg.relevance.queries, cfg.relevance.items, cfg.relevance.judgments]
+    if cfg.task == "tags":
+        return [cfg.tags.books]
+    return [cfg.distill.features, cfg.distill.items] if cfg.distill else []

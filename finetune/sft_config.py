@@ -1,0 +1,80 @@
+"""Config of `recforge sft`: chat-formatted supervised fine-tuning, loss on completions only (trl).
+
+Tasks (one recipe each in `finetune/recipes/sft_*.yaml`):
+- `relevance`: ESCI query + product title -> grade label (exact / substitute / complement / irrelevant);
+  evaluated by accuracy and macro-F1 on held-out queries.
+- `tags`: NoteLLM-style item -> hashtags: goodbooks book -> shelf tags (training books only; the held-out
+  books are left for generate's evaluation of the resulting tagger).
+- `distill`: knowledge distillation from generate's features table (`recforge.records.features_schema()`):
+  item text -> the teacher's tags / summary / knowledge.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from recforge.config import RecipeModel
+
+from .cpt_config import LoraSettings, ModelSettings
+
+
+class RelevanceData(RecipeModel):
+    queries: str = "sample://esci_us_titles/queries.jsonl.gz"
+    items: str = "sample://esci_us_titles/products.jsonl.gz"
+    judgments: str = "sample://esci_us_titles/judgments.jsonl.gz"
+    labels: dict[int, str] = Field(default_factory=lambda: {3: "exact", 2: "substitute", 1: "complement", 0: "irrelevant"})
+
+
+class TagsData(RecipeModel):
+    books: str = "sample://goodbooks_10k_book_tags/books_tags.jsonl.gz"
+    n_tags: int = 5
+    # shelves that say nothing about the book (reading status, ownership)
+    skip_tags: list[str] = Field(default_factory=lambda: [
+        "to-read", "currently-reading", "favorites", "favourites", "owned", "books-i-own", "owned-books",
+        "my-books", "library", "default", "my-library", "to-buy", "read", "kindle", "ebook", "audiobook", "i-own",
+        "own", "books", "wish-list", "re-read", "ebooks", "audiobooks", "favorite", "all-time-favorites"])
+
+
+class DistillData(RecipeModel):
+    features: str  # Parquet in features_schema (generate's export)
+    items: str  # JSONL/Parquet of the items: id + text fields
+    item_id_field: str = "item_id"
+    text_fields: list[str] = Field(default_factory=lambda: ["title"])
+    target: Literal["tags", "summary", "knowledge", "pseudo_queries"] = "tags"
+
+
+class SFTTrainingSettings(RecipeModel):
+    max_steps: int = -1
+    epochs: float = 1.0
+    per_device_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "cosine"
+    warmup_steps: float = 0
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: int | None = 2
+    bf16: bool = False
+    report_to: list[str] = Field(default_factory=list)
+
+
+class SFTConfig(RecipeModel):
+    task: Literal["relevance", "tags", "distill"]
+    model: ModelSettings
+    mode: Literal["full", "lora", "qlora"] = "lora"
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    relevance: RelevanceData = Field(default_factory=RelevanceData)
+    tags: TagsData = Field(default_factory=TagsData)
+    distill: DistillData | None = None
+    eval_percent: int = Field(20, ge=0, lt=100)  # held-out share, by query / book / item id hash
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = 200
+    max_length: int = 256
+    max_new_tokens: int = 24
+    # also write `out_dir/merged/` (full model, base dtype, logit parity checked): what generate / vLLM load
+    merge: bool = False
+    training: SFTTrainingSettings = Field(default_factory=SFTTrainingSettings)
+    seed: int = 0
+    out_dir: str = "runs/sft/esci_relevance"

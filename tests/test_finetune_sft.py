@@ -1,0 +1,101 @@
+"""`recforge sft`: task examples, held-out splits, metrics, and the tags / distill runs end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from recforge.cli import main
+from recforge.config import load_recipe
+from recforge.finetune.sft import (
+    relevance_examples,
+    relevance_metrics,
+    split_examples,
+    tag_metrics,
+    tags_examples,
+)
+from recforge.finetune.sft_config import SFTConfig
+
+RECIPES = Path(__file__).resolve().parents[1] / "finetune" / "recipes"
+
+
+def test_relevance_metrics_accuracy_and_macro_f1():
+    labels = ["exact", "substitute", "complement", "irrelevant"]
+    preds = ["exact", "Irrelevant.", "exact match", "substitute", "blah"]
+    gold = ["exact", "irrelevant", "substitute", "substitute", "irrelevant"]
+    m = relevance_metrics(preds, gold, labels)
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    # per class F1: exact 2/3, substitute 2/3, irrelevant 2/3, complement 0 -> macro 0.5
+    assert m["macro_f1"] == pytest.approx(0.5)
+    assert m["parsed"] == pytest.approx(4 / 5)
+
+
+def test_tag_metrics():
+    m = tag_metrics(["fantasy, magic, school", ""], [["fantasy", "magic"], ["horror"]])
+    assert m["tag_precision"] == pytest.approx((2 / 3 + 0) / 2)
+    assert m["tag_recall"] == pytest.approx((1 + 0) / 2)
+
+
+def test_examples_split_by_group_and_skip_status_shelves():
+    cfg = load_recipe(SFTConfig, RECIPES / "sft_goodbooks_tags_tiny.yaml")
+    examples = tags_examples(cfg)
+    assert len(examples) > 1500
+    assert not any(t in cfg.tags.skip_tags for e in examples for t in json.loads(e["target"]))
+    train, evals = split_examples(cfg.model_copy(update={"max_eval_examples": None}), examples)
+    assert not {e["id"] for e in train} & {e["id"] for e in evals}
+    assert 0.1 < len(evals) / len(examples) < 0.3
+    rel = load_recipe(SFTConfig, RECIPES / "sft_esci_relevance_tiny.yaml")
+    r_train, r_eval = split_examples(rel.model_copy(update={"max_eval_examples": None}), relevance_examples(rel))
+    assert not {e["group"] for e in r_train} & {e["group"] for e in r_eval}  # held-out queries never trained on
+    assert {json.loads(e["target"]) for e in r_train} <= set(rel.relevance.labels.values())
+
+
+@pytest.mark.slow
+def test_tags_sft_end_to_end_with_merge(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "tags"
+    assert main(["sft", str(RECIPES / "sft_goodbooks_tags_tiny.yaml"), f"model.path={tiny_model_dir}",
+                 f"out_dir={out}", "training.max_steps=4", "max_eval_examples=6", "max_new_tokens=8",
+                 "max_train_examples=64"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and metrics["n_eval"] == 6
+    assert {"tag_precision", "tag_recall", "tag_f1", "eval_loss"} <= set(metrics)
+    assert metrics["merge_max_logit_diff"] <= 1e-3
+    held_out = set(json.loads((out / "eval_ids.json").read_text())["eval_ids"])
+    assert len(held_out) == 6
+    assert (out / "model" / "adapter_model.safetensors").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")  # what generate loads as its tagger
+    tok = AutoTokenizer.from_pretrained(out / "merged")
+    assert merged.config.vocab_size == len(tok)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["command"] == "sft" and manifest["inputs"][0]["sha256"]
+
+
+def test_distill_sft_reads_a_features_table(tiny_model_dir, tmp_path):
+    import pyarrow as pa
+
+    from recforge.io import write_parquet_atomic
+    from recforge.records import features_schema
+
+    from recforge.finetune.demo import goodbooks_rows
+
+    ids = [r["row_id"].split(":")[1] for r in goodbooks_rows(8)]  # books in the shipped catalogue
+    rows = [{"entity_type": "item", "entity_id": i, "tags": ["classic", "novel"], "summary": f"Book {i}.",
+             "pseudo_queries": [], "knowledge": ""} for i in ids]
+    rows.append({"entity_type": "item", "entity_id": "no-such-book", "tags": ["x"], "summary": "",
+                 "pseudo_queries": [], "knowledge": ""})
+    rows.append({"entity_type": "user", "entity_id": "u1", "tags": ["x"], "summary": "", "pseudo_queries": [], "knowledge": ""})
+    write_parquet_atomic(pa.Table.from_pylist(rows, schema=features_schema()), tmp_path / "features.parquet")
+    out = tmp_path / "distill"
+    assert main(["sft", str(RECIPES / "sft_distill_tiny.yaml"), f"model.path={tiny_model_dir}", f"out_dir={out}",
+                 f"distill.features={tmp_path / 'features.parquet'}", "training.max_steps=2", "eval_percent=30",
+                 "max_new_tokens=4"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_train"] + metrics["n_eval"] == 8  # the user row and unknown ids are not items to distil
+    assert "tag_f1" in metrics
+
+    assert main(["sft", str(RECIPES / "sft_distill_tiny.yaml"), f"model.path={tiny_model_dir}",
+                 f"out_dir={tmp_path / 'x'}", f"distill.features={tmp_path / 'nope.parquet'}"]) == 2
