@@ -89,9 +89,16 @@ def _texts_hash(texts: dict[str, str]) -> str:
 
 def knowledge_texts(path: str) -> dict[str, dict[str, str]]:
     """generate's features table -> {"item": {id: text}, "user": {id: text}} (knowledge, summary, tags joined)."""
-    import pyarrow.dataset as ds
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    table = ds.dataset(str(resolve_path(path)), format="parquet").to_table()
+    root = resolve_path(path)
+    files = sorted(root.glob("**/*.parquet")) if root.is_dir() else [root]
+    if not files:
+        raise RecforgeError(f"inputs.knowledge: no .parquet file in {root} (expected generate-export's features table)")
+    table = pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
+    if "entity_type" not in table.column_names or "entity_id" not in table.column_names:
+        raise RecforgeError(f"inputs.knowledge: {root} has no entity_type / entity_id columns (columns: {table.column_names})")
     out: dict[str, dict[str, str]] = {"item": {}, "user": {}}
     for row in table.to_pylist():
         parts = [row.get("knowledge") or "", row.get("summary") or ""]

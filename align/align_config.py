@@ -1,0 +1,164 @@
+"""Recipes of the align stage: `recforge align`, `recforge embed`, `recforge eval retrieval`.
+
+One pydantic model per job (TRL style). Every path is a plain string so it can be overridden from
+the command line: `recforge align align/recipes/esci_minilm.yaml data.pairs_path=runs/data/esci/pairs`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from recforge.config import RecipeModel
+
+
+class BackboneConfig(RecipeModel):
+    """The model turned into an embedding model: an encoder, or a causal LM (base, CPT output, merged)."""
+
+    path: str = Field("minilm", description="model folder; `minilm` = the offline all-MiniLM-L6-v2; `tiny` = build the tiny LM")
+    kind: Literal["auto", "encoder", "causal_lm"] = "auto"
+    max_seq_length: int = 64
+    trust_remote_code: bool = False  # never on unless the user sets it
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | str = "all-linear"
+
+
+class PoolingConfig(RecipeModel):
+    """How token states become one vector.
+
+    `last_token`: the tokenizer is re-configured to append EOS, and the state of the last real token
+    (right under left and right padding) is taken. `mean`: average over tokens, instruction prompt excluded.
+    `compression`: NoteLLM's prompt `... compress it into one word: "[EMB]"`; the state just before `[EMB]`.
+    `auto`: `mean` for encoders, `last_token` for causal LMs.
+    """
+
+    mode: Literal["auto", "last_token", "mean", "cls", "compression"] = "auto"
+    compression_suffix: str = ' compress it into one word: "'
+    projection_dim: int | None = None  # optional projection to a smaller dimension
+    projection: Literal["linear", "mlp"] = "linear"
+    normalize: bool = True
+
+
+class LossConfig(RecipeModel):
+    """InfoNCE with in-batch negatives (+ hard negatives when the pairs carry them).
+
+    `mask_false_negatives` or `learnable_temperature` need recforge's `InfoNCELoss` (sentence-transformers'
+    losses cannot know item ids); otherwise sentence-transformers' MultipleNegativesRankingLoss is used,
+    or CachedMultipleNegativesRankingLoss (GradCache) when `gradcache_mini_batch` is set.
+    """
+
+    temperature: float = 0.05
+    learnable_temperature: bool = False
+    symmetric: bool = False
+    mask_false_negatives: bool = True
+    use_hard_negatives: bool = True
+    gradcache_mini_batch: int | None = None
+    matryoshka_dims: list[int] = Field(default_factory=list)
+    gather_across_devices: bool = False
+    kind_weights: dict[str, float] = Field(default_factory=dict, description="LARR: weight per pair kind")
+    use_pair_weights: bool = False  # weight each pair's term by its `weight` column (raw counts can be very skewed)
+
+
+class EsciSource(RecipeModel):
+    queries: str = "sample://esci_us_titles/queries.jsonl.gz"
+    products: str = "sample://esci_us_titles/products.jsonl.gz"
+    judgments: str = "sample://esci_us_titles/judgments.jsonl.gz"
+    min_positive_grade: float = 2.0  # ESCI: 3 exact, 2 substitute -> positives
+    eval_percent: int = Field(30, ge=1, le=99, description="share of queries (by hash of query_id) held out")
+
+
+class MovieLensSource(RecipeModel):
+    """Item <-> item co-engagement pairs from MovieLens sequences (never copied into the repo)."""
+
+    path: str = "../shared/data/movielens_100k"
+    window: int = 3  # items within this many steps in a user's sequence co-engage
+    min_rating: float = 4.0
+    top_k_per_item: int = 10
+    eval_percent: int = Field(20, ge=1, le=99)
+    max_train_pairs: int = 3000
+
+
+class DataConfig(RecipeModel):
+    """Pairs to train on and held-out queries to evaluate on.
+
+    Either `pairs_path` (Parquet in `recforge.records.pairs_schema()`, e.g. data_recipes' pairs output;
+    rows with split != train are held out) or one of the built-in builders (`esci`, `movielens`).
+    """
+
+    source: Literal["esci", "pairs", "movielens"] = "esci"
+    pairs_path: str | None = None
+    esci: EsciSource = Field(default_factory=EsciSource)
+    movielens: MovieLensSource = Field(default_factory=MovieLensSource)
+    max_train_pairs: int | None = None
+    max_train_pairs_per_kind: int | None = None  # pairs files: cap each kind (hash-sampled)
+    max_eval_queries_per_kind: int | None = None
+    query_prompt: str | None = None  # instruction prefix for anchors (queries / users)
+    document_prompt: str | None = None
+
+    @model_validator(mode="after")
+    def _pairs_need_path(self):
+        if self.source == "pairs" and not self.pairs_path:
+            raise ValueError("data.source=pairs needs data.pairs_path")
+        return self
+
+
+class TrainConfig(RecipeModel):
+    epochs: float = 1.0
+    batch_size: int = 32
+    learning_rate: float = 2e-5
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_steps: int = -1
+    no_duplicates_sampler: bool = True  # sentence-transformers' NO_DUPLICATES batch sampler
+    logging_steps: int = 10
+
+
+class EvalConfig(RecipeModel):
+    k_values: list[int] = Field(default_factory=lambda: [1, 5, 10, 100])
+    batch_size: int = 64
+    compare_base: bool = True
+
+
+class AlignConfig(RecipeModel):
+    out_dir: str = "runs/align/esci_minilm"
+    seed: int = 0
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    pooling: PoolingConfig = Field(default_factory=PoolingConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+class CatalogueSource(RecipeModel):
+    path: str = "sample://goodbooks_10k_catalog/books.jsonl.gz"
+    id: str = "book_id"
+    text_fields: list[str] = Field(default_factory=lambda: ["title", "authors"])
+    prompt_name: str | None = None
+
+
+class EmbedConfig(RecipeModel):
+    model: str = "runs/align/esci_minilm/model"
+    out_dir: str = "runs/embed/goodbooks"
+    catalogue: CatalogueSource = Field(default_factory=CatalogueSource)
+    batch_size: int = 64
+    shard_size: int = 2048
+    sort_by_length: bool = True
+    quantize: Literal["none", "int8"] = "none"
+    faiss_index: bool = True
+    max_seq_length: int | None = None
+    limit: int | None = None
+
+
+class RetrievalEvalConfig(RecipeModel):
+    """`recforge eval retrieval`: score one or more models on the same held-out queries."""
+
+    out_dir: str = "runs/eval/retrieval"
+    seed: int = 0
+    models: dict[str, str] = Field(default_factory=lambda: {"base": "minilm", "tuned": "runs/align/esci_minilm/model"})
+    data: DataConfig = Field(default_factory=DataConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)

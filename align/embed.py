@@ -1,0 +1,253 @@
+"""`recforge embed RECIPE`: a catalogue -> Parquet (id, vector), resumable, + a faiss index.
+
+- Length-sorted batching by *token* count (not characters) with a token budget per batch, so short
+  titles go in big batches and long ones in small batches with little padding.
+- The work is planned once (`plan.json`: item order and shard boundaries, catalogue sha256, model);
+  each shard is written atomically when complete. A killed run restarts from the first missing shard
+  and can neither lose nor duplicate an id. A plan that no longer matches (other catalogue or model) is an error.
+- `quantize: int8`: vectors (L2-normalised) stored as int8 = round(127 * v). A fixed scale, not
+  sentence-transformers' calibrated `quantize_embeddings`, because calibration ranges would differ from
+  shard to shard and break resumability.
+- A faiss inner-product index (`index.faiss` + `index_ids.json`) for nearest-neighbour lookups.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from recforge.config import RecforgeError
+from recforge.io import JsonlAppender, atomic_write_json, open_text, resolve_path, sha256_file, write_parquet_atomic
+from recforge.manifest import RunRecorder
+
+from .align_config import CatalogueSource, EmbedConfig
+
+
+def item_text(row: dict, fields: list[str]) -> str:
+    parts = []
+    for f in fields:
+        v = row.get(f)
+        if v is None or v == "" or v == []:
+            continue
+        parts.append(", ".join(map(str, v)) if isinstance(v, list) else str(v))
+    return " | ".join(parts)
+
+
+def read_catalogue(src: CatalogueSource, rejects: JsonlAppender | None = None, limit: int | None = None) -> tuple[list[str], list[str], dict]:
+    """(ids, texts, reject counts). Rows without an id or text, bad JSON and repeated ids are quarantined."""
+    ids, texts, seen, counts = [], [], set(), {}
+
+    def reject(lineno, reason, raw):
+        counts[reason] = counts.get(reason, 0) + 1
+        if rejects:
+            rejects.write({"file": src.path, "line": lineno, "reason": reason, "raw": raw[:500]})
+
+    path = resolve_path(src.path)
+    if not path.is_file():
+        raise RecforgeError(f"catalogue.path: file not found: {src.path}")
+    with open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                reject(lineno, "bad_json", line)
+                continue
+            if not isinstance(row, dict) or row.get(src.id) in (None, ""):
+                reject(lineno, "missing_id", line)
+                continue
+            item_id = str(row[src.id])
+            text = item_text(row, src.text_fields)
+            if not text:
+                reject(lineno, "empty_text", line)
+                continue
+            if item_id in seen:
+                reject(lineno, "duplicate_id", line)
+                continue
+            seen.add(item_id)
+            ids.append(item_id)
+            texts.append(text)
+            if limit and len(ids) >= limit:
+                break
+    if rejects:
+        rejects.flush()
+    return ids, texts, counts
+
+
+def token_lengths(model, texts: list[str], prompt: str | None) -> list[int]:
+    tok = model[0].tokenizer
+    prefixed = [prompt + t for t in texts] if prompt else texts
+    enc = tok(prefixed, truncation=True, max_length=model.max_seq_length, add_special_tokens=True)
+    return [len(x) for x in enc["input_ids"]]
+
+
+def plan_batches(lengths: list[int], max_batch: int, token_budget: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """Order items longest first; cut batches of at most `max_batch` items and `token_budget` padded tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches, start = [], 0
+    while start < len(order):
+        longest = lengths[order[start]]
+        size = max(1, min(max_batch, token_budget // max(1, longest)))
+        batches.append((start, min(start + size, len(order))))
+        start += size
+    return order, batches
+
+
+def encode_sorted(model, texts: list[str], batches: list[tuple[int, int]], prompt: str | None, progress=None) -> np.ndarray:
+    """Encode already length-sorted texts batch by batch through the model's own preprocess/forward."""
+    import torch
+
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for a, b in batches:
+            features = model.preprocess(texts[a:b], prompt=prompt)
+            emb = model(features)["sentence_embedding"]
+            out.append(emb.float().cpu().numpy())
+            if progress is not None:
+                progress.update(b - a)
+    return np.concatenate(out) if out else np.zeros((0, model.get_embedding_dimension()), dtype=np.float32)
+
+
+def load_model(path: str, max_seq_length: int | None = None):
+    from sentence_transformers import SentenceTransformer
+
+    if path == "minilm":
+        from recforge.models import minilm_path
+
+        path = str(minilm_path())
+    if not Path(path).is_dir():
+        raise RecforgeError(f"model: not a folder: {path}")
+    model = SentenceTransformer(path, device="cpu")
+    if max_seq_length:
+        model.max_seq_length = max_seq_length
+    return model
+
+
+def vectors_table(ids: list[str], vecs: np.ndarray, quantize: str):
+    import pyarrow as pa
+
+    if quantize == "int8":
+        norm = vecs / np.clip(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12, None)
+        q = np.clip(np.rint(norm * 127.0), -127, 127).astype(np.int8)
+        col = pa.FixedSizeListArray.from_arrays(pa.array(q.reshape(-1), pa.int8()), vecs.shape[1])
+    else:
+        col = pa.FixedSizeListArray.from_arrays(pa.array(vecs.astype(np.float32).reshape(-1), pa.float32()), vecs.shape[1])
+    return pa.table({"id": pa.array(ids, pa.string()), "vector": col})
+
+
+def read_vectors(out_dir: str | Path) -> tuple[list[str], np.ndarray]:
+    """All (id, vector) rows of an embed output, int8 vectors dequantised (÷127)."""
+    import pyarrow.parquet as pq
+
+    files = sorted((Path(out_dir) / "shards").glob("part-*.parquet"))
+    ids, vecs = [], []
+    for f in files:
+        t = pq.read_table(f)
+        ids.extend(t.column("id").to_pylist())
+        arr = np.asarray(t.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False))
+        dim = t.schema.field("vector").type.list_size
+        arr = arr.reshape(-1, dim)
+        vecs.append(arr.astype(np.float32) / 127.0 if arr.dtype == np.int8 else arr)
+    return ids, (np.concatenate(vecs) if vecs else np.zeros((0, 0), np.float32))
+
+
+def build_faiss_index(out_dir: Path, ids: list[str], vecs: np.ndarray) -> Path:
+    import faiss
+
+    index = faiss.IndexFlatIP(vecs.shape[1])
+    index.add(np.ascontiguousarray(vecs, dtype=np.float32))
+    tmp = out_dir / ".index.faiss.tmp"
+    faiss.write_index(index, str(tmp))
+    tmp.replace(out_dir / "index.faiss")
+    atomic_write_json(out_dir / "index_ids.json", ids)
+    return out_dir / "index.faiss"
+
+
+def nearest(out_dir: str | Path, query_vectors: np.ndarray, k: int = 10) -> list[list[tuple[str, float]]]:
+    """Top-k (id, inner product) from an embed output's faiss index."""
+    import faiss
+
+    index = faiss.read_index(str(Path(out_dir) / "index.faiss"))
+    ids = json.loads((Path(out_dir) / "index_ids.json").read_text())
+    scores, idx = index.search(np.ascontiguousarray(query_vectors, dtype=np.float32), k)
+    return [[(ids[j], float(s)) for j, s in zip(row_i, row_s) if j >= 0] for row_i, row_s in zip(idx, scores)]
+
+
+def run_embed(cfg: EmbedConfig) -> dict:
+    from tqdm.auto import tqdm
+
+    out_dir = Path(cfg.out_dir)
+    run = RunRecorder(out_dir, "embed", cfg)
+    with JsonlAppender(out_dir / "rejects.jsonl") as rejects:
+        ids, texts, reject_counts = read_catalogue(cfg.catalogue, rejects, cfg.limit)
+    run.rejects.update(reject_counts)
+    run.add_input(cfg.catalogue.path, name="catalogue", rows=len(ids))
+    if not ids:
+        raise RecforgeError(f"{cfg.catalogue.path}: no usable items (see {out_dir / 'rejects.jsonl'})")
+    model = load_model(cfg.model, cfg.max_seq_length)
+    prompt = (model.prompts or {}).get(cfg.catalogue.prompt_name) if cfg.catalogue.prompt_name else None
+    if cfg.catalogue.prompt_name and prompt is None:
+        raise RecforgeError(f"catalogue.prompt_name: the model has no prompt {cfg.catalogue.prompt_name!r} "
+                            f"(it has {sorted(model.prompts or {})})")
+
+    if cfg.sort_by_length:
+        lengths = token_lengths(model, texts, prompt)
+        # Budget of padded tokens per batch: `batch_size` items of median length; short items fill bigger batches.
+        budget = cfg.batch_size * max(8, int(np.median(lengths)))
+        order, batches = plan_batches(lengths, cfg.batch_size * 4, budget)
+    else:
+        order = list(range(len(texts)))
+        batches = [(i, min(i + cfg.batch_size, len(texts))) for i in range(0, len(texts), cfg.batch_size)]
+    sorted_ids = [ids[i] for i in order]
+    sorted_texts = [texts[i] for i in order]
+    shard_bounds = [(a, min(a + cfg.shard_size, len(order))) for a in range(0, len(order), cfg.shard_size)]
+    plan = {
+        "catalogue_sha256": sha256_file(cfg.catalogue.path),
+        "model": str(Path(cfg.model).resolve()) if cfg.model != "minilm" else "minilm",
+        "ids_sha256": hashlib.sha256("\n".join(sorted_ids).encode()).hexdigest(),
+        "shards": len(shard_bounds), "shard_size": cfg.shard_size, "quantize": cfg.quantize,
+        "prompt": prompt, "max_seq_length": model.max_seq_length,
+    }
+    plan_path = out_dir / "plan.json"
+    if plan_path.is_file():
+        old = json.loads(plan_path.read_text())
+        if old != plan:
+            diff = sorted(k for k in plan if old.get(k) != plan.get(k))
+            raise RecforgeError(f"{plan_path}: an earlier run in this out_dir used a different plan ({', '.join(diff)}); "
+                                "use a new out_dir or delete the old one")
+    else:
+        atomic_write_json(plan_path, plan)
+
+    shard_dir = out_dir / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    done = [i for i in range(len(shard_bounds)) if (shard_dir / f"part-{i:05d}.parquet").is_file()]
+    done_items = sum(shard_bounds[i][1] - shard_bounds[i][0] for i in done)
+    progress = tqdm(total=len(order), initial=done_items, unit="item", desc="embed", smoothing=0.1, mininterval=1.0)
+    started, encoded = time.perf_counter(), 0
+    for s, (a, b) in enumerate(shard_bounds):
+        if s in done:
+            continue
+        shard_batches = [(max(x, a) - a, min(y, b) - a) for x, y in batches if x < b and y > a]
+        vecs = encode_sorted(model, sorted_texts[a:b], shard_batches, prompt, progress)
+        write_parquet_atomic(vectors_table(sorted_ids[a:b], vecs, cfg.quantize), shard_dir / f"part-{s:05d}.parquet")
+        encoded += b - a
+    progress.close()
+    elapsed = time.perf_counter() - started
+    items_per_s = encoded / elapsed if encoded and elapsed > 0 else 0.0
+
+    all_ids, all_vecs = read_vectors(out_dir)
+    if len(all_ids) != len(set(all_ids)) or set(all_ids) != set(ids):
+        raise RecforgeError(f"{shard_dir}: shards do not cover the catalogue exactly once; delete {out_dir} and rerun")
+    run.add_output("vectors", shard_dir, rows=len(all_ids), dim=int(all_vecs.shape[1]), quantize=cfg.quantize)
+    if cfg.faiss_index:
+        run.add_output("faiss_index", build_faiss_index(out_dir, all_ids, all_vecs), rows=len(all_ids))
+    run.extra.update({"items_per_s": items_per_s, "encoded_this_run": encoded, "resumed_shards": len(done),
+                      "batches": len(batches), "sorted_by_tokens": cfg.sort_by_length})
+    run.finish()
+    return {"rows": len(all_ids), "out_dir": str(out_dir), "items_per_s": items_per_s, "resumed_shards": len(done)}

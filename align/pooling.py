@@ -1,0 +1,131 @@
+"""Build the embedding model: backbone + pooling (+ projection) + L2 norm, as plain sentence-transformers modules.
+
+Everything here is expressed with standard sentence-transformers modules (Transformer, Pooling, Dense,
+Normalize) and a tokenizer whose post-processor is fixed, so the exported folder loads with
+`SentenceTransformer(path)` and no recforge import, and gives the same vectors as during training.
+
+- last token: the tokenizer post-processor appends EOS to every text (kept under truncation), and
+  `Pooling(lasttoken)` picks the last attended position, which is right under left and right padding.
+- compression (NoteLLM): the prompt ends in `... compress it into one word: "[EMB]"` and the embedding is
+  the hidden state just before `[EMB]`. A causal LM's state at a position never depends on later tokens,
+  so that state equals the last-token state of the text followed by the suffix up to the opening quote.
+  The post-processor appends that suffix (as token ids), and last-token pooling takes it.
+- mean: `Pooling(mean, include_prompt=False)` leaves the instruction prompt's tokens out of the average.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from recforge.config import RecforgeError
+
+from .align_config import BackboneConfig, PoolingConfig
+
+COMPRESS_TOKEN = "<recforge_compress>"
+
+
+def resolve_backbone_path(path: str, cache_root: str = "runs") -> Path:
+    """`minilm` -> the offline MiniLM; `tiny` -> the tiny LM (built once under `runs/tiny-model`)."""
+    if path == "minilm":
+        from recforge.models import minilm_path
+
+        return minilm_path()
+    if path == "tiny":
+        from recforge.tiny_model import TinyModelConfig, build_tiny_model
+
+        out = Path(cache_root) / "tiny-model"
+        if not (out / "config.json").is_file():
+            build_tiny_model(TinyModelConfig(), out)
+        return out
+    p = Path(path).expanduser()
+    if not (p / "config.json").is_file() and not (p / "modules.json").is_file():
+        raise RecforgeError(f"backbone.path: {p} is not a model folder (no config.json)")
+    return p
+
+
+def detect_kind(path: Path) -> str:
+    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    archs = config.get("architectures") or []
+    return "causal_lm" if any(a.endswith("ForCausalLM") for a in archs) else "encoder"
+
+
+def resolve_pooling_mode(pooling: PoolingConfig, kind: str) -> str:
+    if pooling.mode != "auto":
+        return pooling.mode
+    return "last_token" if kind == "causal_lm" else "mean"
+
+
+def configure_tokenizer(tokenizer, mode: str, compression_suffix: str) -> None:
+    """Make the tokenizer itself append EOS (last_token) or the compression suffix (compression).
+
+    Done in the fast tokenizer's post-processor, which is saved in tokenizer.json: every consumer of the
+    exported folder gets the same token ids as training, and truncation keeps room for the appended ids.
+    """
+    from tokenizers import processors
+
+    if mode not in ("last_token", "compression"):
+        return
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    probe = tokenizer("probe", add_special_tokens=True)["input_ids"]
+    bos = tokenizer.bos_token if tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id] else None
+    specials = [(bos, tokenizer.bos_token_id)] if bos else []
+    head = [bos] if bos else []
+    if mode == "last_token":
+        if tokenizer.eos_token_id is None:
+            raise RecforgeError("pooling.mode=last_token needs a tokenizer with an EOS token")
+        specials.append((tokenizer.eos_token, tokenizer.eos_token_id))
+        tail = [tokenizer.eos_token]
+    else:
+        ids = tokenizer(compression_suffix, add_special_tokens=False)["input_ids"]
+        specials.append({"id": COMPRESS_TOKEN, "ids": ids, "tokens": tokenizer.convert_ids_to_tokens(ids)})
+        tail = [COMPRESS_TOKEN]
+    single = " ".join([*head, "$A", *tail])
+    pair = " ".join([*head, "$A", *tail, "$B:1", *tail])
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=single, pair=pair, special_tokens=specials
+    )
+
+
+def build_embedding_model(backbone: BackboneConfig, pooling: PoolingConfig, prompts: dict[str, str] | None = None,
+                          cache_root: str = "runs"):
+    """A SentenceTransformer ready to train. Returns (model, info) with the resolved kind/pooling."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
+
+    path = resolve_backbone_path(backbone.path, cache_root)
+    kind = backbone.kind if backbone.kind != "auto" else detect_kind(path)
+    mode = resolve_pooling_mode(pooling, kind)
+    model_kwargs = {"trust_remote_code": backbone.trust_remote_code}
+
+    is_plain_st = (path / "modules.json").is_file() and pooling.mode == "auto" and pooling.projection_dim is None
+    if is_plain_st and kind == "encoder":
+        # A sentence-transformers encoder (MiniLM): keep its own pooling and normalisation.
+        model = SentenceTransformer(str(path), trust_remote_code=backbone.trust_remote_code)
+        model.max_seq_length = backbone.max_seq_length
+    else:
+        # Pinned to the plain-text modality: with a chat template present, sentence-transformers would
+        # otherwise wrap every text in it (`<|im_start|>user ...`), and the pooled token would be the template's.
+        transformer = Transformer(str(path), max_seq_length=backbone.max_seq_length, model_kwargs=model_kwargs,
+                                  config_kwargs={"trust_remote_code": backbone.trust_remote_code},
+                                  modality_config={"text": {"method": "forward", "method_output_name": "last_hidden_state"}},
+                                  module_output_name="token_embeddings")
+        if kind == "causal_lm" and mode in ("cls",):
+            raise RecforgeError("pooling.mode=cls makes no sense for a causal LM: use last_token, mean or compression")
+        configure_tokenizer(transformer.tokenizer, mode, pooling.compression_suffix)
+        st_mode = {"last_token": "lasttoken", "compression": "lasttoken", "mean": "mean", "cls": "cls"}[mode]
+        dim = transformer.get_embedding_dimension()
+        modules = [transformer, Pooling(dim, pooling_mode=st_mode, include_prompt=(mode != "mean"))]
+        if pooling.projection_dim:
+            if pooling.projection == "mlp":
+                modules.append(Dense(dim, dim, activation_function=__import__("torch").nn.GELU()))
+            modules.append(Dense(dim, pooling.projection_dim, activation_function=None))
+        if pooling.normalize:
+            modules.append(Normalize())
+        model = SentenceTransformer(modules=modules)
+    if prompts:
+        model.prompts = {**(model.prompts or {}), **prompts}
+    info = {"backbone_path": str(path), "kind": kind, "pooling": mode,
+            "embedding_dim": model.get_embedding_dimension()}
+    return model, info

@@ -1,0 +1,196 @@
+"""`recforge align RECIPE`: contrastive alignment with sentence-transformers' trainer, export, evaluation.
+
+Steps: pairs -> model (backbone + pooling) -> untuned metrics -> SentenceTransformerTrainer -> export
+(LoRA merged) -> reload check (left/right padding) -> tuned metrics -> report + manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from pathlib import Path
+
+from recforge.config import RecforgeError
+from recforge.io import atomic_write_json, atomic_write_text, write_parquet_atomic
+from recforge.manifest import RunRecorder
+
+from .align_config import AlignConfig
+from .evaluate import evaluate_model, write_report
+from .export import check_export, encode_both_paddings, export_model, model_card
+from .losses import WeightedLoss, build_loss
+from .pairs import load_align_data, pairs_table
+
+log = logging.getLogger("recforge.align")
+
+
+def prompts_of(cfg: AlignConfig) -> dict[str, str]:
+    prompts = {}
+    if cfg.data.query_prompt:
+        prompts["query"] = cfg.data.query_prompt
+    if cfg.data.document_prompt:
+        prompts["document"] = cfg.data.document_prompt
+    return prompts
+
+
+def fill_negatives(pairs: list[dict]) -> list[dict]:
+    """Every row needs the same columns: rows without a hard negative borrow another row's negative,
+    skipping any that is a known positive (or the same item) of this anchor."""
+    pool = [(p["negative_id"], p["negative"]) for p in pairs if p.get("negative")]
+    if not pool:
+        return pairs
+    out = []
+    for i, p in enumerate(pairs):
+        if not p.get("negative"):
+            known = {str(x) for x in [p["positive_id"], *(p.get("anchor_positive_ids") or [])]}
+            for step in range(len(pool)):
+                nid, ntext = pool[(i + step) % len(pool)]
+                if str(nid) not in known:
+                    p = {**p, "negative_id": nid, "negative": ntext}
+                    break
+        out.append(p)
+    return out
+
+
+def training_dataset(pairs: list[dict], use_negatives: bool):
+    from datasets import Dataset
+
+    columns = {"anchor": [p["anchor"] for p in pairs], "positive": [p["positive"] for p in pairs]}
+    if use_negatives and all(p.get("negative") for p in pairs):
+        columns["negative"] = [p["negative"] for p in pairs]
+    columns["label"] = list(range(len(pairs)))  # row index: lets InfoNCELoss look up ids for masking
+    return Dataset.from_dict(columns)
+
+
+def train_model(model, pairs: list[dict], cfg: AlignConfig, out_dir: Path) -> dict:
+    """Run SentenceTransformerTrainer on the pairs; returns the training log summary."""
+    from sentence_transformers.base.sampler import BatchSamplers
+    from sentence_transformers.sentence_transformer import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+
+    use_negatives = cfg.loss.use_hard_negatives
+    by_kind: dict[str, list[dict]] = {}
+    for p in pairs:
+        by_kind.setdefault(p.get("kind") or "pair", []).append(p)
+    if use_negatives:
+        by_kind = {k: fill_negatives(v) for k, v in by_kind.items()}
+    if len(by_kind) == 1:
+        kind_pairs = next(iter(by_kind.values()))
+        dataset = training_dataset(kind_pairs, use_negatives)
+        loss = build_loss(cfg.loss, model, kind_pairs)
+    else:
+        # LARR: one InfoNCE term per pair kind (user<->user, item<->item, user<->item, ...), each weighted.
+        # sentence-transformers trains a dict of datasets with a dict of losses, one kind per batch, so
+        # the weighted sum is taken in expectation over batches (proportional sampling).
+        dataset = {k: training_dataset(v, use_negatives) for k, v in sorted(by_kind.items())}
+        loss = {k: WeightedLoss(build_loss(cfg.loss, model, v), cfg.loss.kind_weights.get(k, 1.0))
+                for k, v in sorted(by_kind.items())}
+    column_prompts = {}
+    if cfg.data.query_prompt:
+        column_prompts["anchor"] = cfg.data.query_prompt
+    if cfg.data.document_prompt:
+        column_prompts.update(positive=cfg.data.document_prompt, negative=cfg.data.document_prompt)
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(out_dir / "checkpoints"),
+        num_train_epochs=cfg.train.epochs,
+        max_steps=cfg.train.max_steps,
+        per_device_train_batch_size=cfg.train.batch_size,
+        learning_rate=cfg.train.learning_rate,
+        warmup_ratio=cfg.train.warmup_ratio,
+        weight_decay=cfg.train.weight_decay,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        batch_sampler=BatchSamplers.NO_DUPLICATES if cfg.train.no_duplicates_sampler else BatchSamplers.BATCH_SAMPLER,
+        prompts=column_prompts or None,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=cfg.train.logging_steps,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss)
+    result = trainer.train()
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    summary = {"steps": trainer.state.global_step, "train_loss": result.training_loss,
+               "first_logged_loss": history[0]["loss"] if history else None,
+               "last_logged_loss": history[-1]["loss"] if history else None,
+               "train_rows": sum(len(d) for d in dataset.values()) if isinstance(dataset, dict) else len(dataset),
+               "kinds": {k: len(v) for k, v in by_kind.items()}}
+    for name, part in (loss.items() if isinstance(loss, dict) else [("all", loss)]):
+        inner = getattr(part, "loss", part)
+        if getattr(inner, "log_scale", None) is not None:
+            summary[f"final_temperature_{name}"] = float(1.0 / inner.scale)
+    return summary
+
+
+def wrap_lora(model, cfg: AlignConfig) -> None:
+    """Wrap the transformer in a peft LoRA adapter (merged again at export)."""
+    from peft import LoraConfig, get_peft_model
+
+    transformer = model[0]
+    lora = LoraConfig(r=cfg.backbone.lora_r, lora_alpha=cfg.backbone.lora_alpha, lora_dropout=cfg.backbone.lora_dropout,
+                      target_modules=cfg.backbone.lora_target_modules, bias="none")
+    transformer.auto_model = get_peft_model(transformer.auto_model, lora)
+
+
+def probe_texts(task, n: int = 12) -> list[str]:
+    """A few held-out queries and catalogue texts of mixed lengths, so batches really pad."""
+    queries = list(task.queries.values())[:n]
+    docs = sorted(task.corpus.values(), key=len)
+    return queries + docs[:: max(1, len(docs) // n)][:n]
+
+
+def run_align(cfg: AlignConfig) -> dict:
+    import torch
+    from transformers import set_seed
+
+    from .pooling import build_embedding_model
+
+    out_dir = Path(cfg.out_dir)
+    run = RunRecorder(out_dir, "align", cfg, cfg.seed)
+    set_seed(cfg.seed)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    data = load_align_data(cfg.data)
+    for path, rows in data.inputs:
+        run.add_input(path, rows=rows)
+    write_parquet_atomic(pairs_table(data.train_pairs), out_dir / "train_pairs.parquet")
+    run.add_output("train_pairs", out_dir / "train_pairs.parquet", rows=len(data.train_pairs))
+
+    model, info = build_embedding_model(cfg.backbone, cfg.pooling, prompts_of(cfg), cache_root=str(out_dir.parent))
+    info["lora"] = cfg.backbone.lora
+    model.to("cpu")
+    results = {}
+    if cfg.eval.compare_base:
+        results["base"] = evaluate_model(model, data.task, cfg.eval.k_values, cfg.eval.batch_size)
+        log.info("base: %s", results["base"])
+    if cfg.backbone.lora:
+        wrap_lora(model, cfg)
+    summary = train_model(model, data.train_pairs, cfg, out_dir)
+    model.eval()
+
+    texts = probe_texts(data.task)
+    reference = encode_both_paddings(model, texts, "query" if cfg.data.query_prompt else None)
+    export_dir = out_dir / "model"
+    contract = export_model(model, export_dir, info, run.inputs)
+    export_check = check_export(reference, export_dir, texts, "query" if cfg.data.query_prompt else None)
+    # Kept so anyone can re-check the export later against the end-of-training vectors.
+    np.savez(out_dir / "export_check_vectors.npz", right=reference["right"], left=reference["left"])
+    atomic_write_json(out_dir / "export_check_texts.json",
+                      {"texts": texts, "prompt_name": "query" if cfg.data.query_prompt else None})
+    if min(export_check["min_cosine_right_padding"], export_check["min_cosine_left_padding"]) < 0.9999:
+        raise RecforgeError(f"export check failed: reloaded vectors differ from training ({export_check})")
+
+    from sentence_transformers import SentenceTransformer
+
+    tuned = SentenceTransformer(str(export_dir), device="cpu")
+    results["tuned"] = evaluate_model(tuned, data.task, cfg.eval.k_values, cfg.eval.batch_size)
+    report = write_report(results, out_dir / "eval", f"{data.task.name}: base vs tuned ({info['kind']}, {info['pooling']})",
+                          {"seed": cfg.seed, "backbone": info, "train": summary})
+    atomic_write_text(export_dir / "README.md", model_card(contract, {"table": report["table"]}))
+
+    run.add_output("model", export_dir, embedding_dim=contract["dimension"])
+    run.add_output("retrieval_metrics", report["json"])
+    run.extra.update({"backbone": info, "train": summary, "export_check": export_check, "metrics": results,
+                      "data_notes": data.notes})
+    run.finish()
+    return {"metrics": results, "table": report["table"], "export_dir": str(export_dir), "export_check": export_check,
+            "train": summary, "report": report}

@@ -1,0 +1,127 @@
+"""`recforge embed`: vectors equal sentence-transformers', every id exactly once (also after SIGKILL), int8, faiss."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recforge.align.align_config import CatalogueSource, EmbedConfig
+from recforge.align.embed import nearest, plan_batches, read_vectors, run_embed
+from recforge.config import RecforgeError
+
+
+def write_catalogue(path: Path, n: int, bad_rows: bool = False) -> list[str]:
+    books = []
+    with gzip.open(resolve_sample(), "rt") as f:
+        for line in f:
+            books.append(json.loads(line))
+            if len(books) >= n:
+                break
+    with gzip.open(path, "wt") as out:
+        for b in books:
+            out.write(json.dumps(b) + "\n")
+        if bad_rows:
+            out.write("{not json\n")
+            out.write(json.dumps({"title": "no id"}) + "\n")
+            out.write(json.dumps(books[0]) + "\n")  # a repeated id
+    return [str(b["book_id"]) for b in books]
+
+
+def resolve_sample() -> Path:
+    from recforge.io import resolve_path
+
+    return resolve_path("sample://goodbooks_10k_catalog/books.jsonl.gz")
+
+
+def test_plan_batches_sorts_and_respects_budget():
+    lengths = [5, 50, 7, 20, 50, 6]
+    order, batches = plan_batches(lengths, max_batch=4, token_budget=100)
+    assert [lengths[i] for i in order] == sorted(lengths, reverse=True)
+    covered = [i for a, b in batches for i in order[a:b]]
+    assert sorted(covered) == list(range(6))
+    for a, b in batches:
+        assert (b - a) * lengths[order[a]] <= 100 or b - a == 1
+
+
+def test_embed_matches_st_encode_and_quarantines_bad_rows(tmp_path, minilm_dir):
+    from sentence_transformers import SentenceTransformer
+
+    cat = tmp_path / "books.jsonl.gz"
+    ids = write_catalogue(cat, 64, bad_rows=True)
+    cfg = EmbedConfig(model=str(minilm_dir), out_dir=str(tmp_path / "out"), shard_size=24, batch_size=16,
+                      catalogue=CatalogueSource(path=str(cat)))
+    out = run_embed(cfg)
+    assert out["rows"] == 64
+    got_ids, vecs = read_vectors(tmp_path / "out")
+    assert sorted(got_ids) == sorted(ids) and len(got_ids) == len(set(got_ids))
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["rejects"]["by_reason"] == {"bad_json": 1, "duplicate_id": 1, "missing_id": 1}
+    assert len((tmp_path / "out" / "rejects.jsonl").read_text().splitlines()) == 3
+
+    texts = {}
+    with gzip.open(cat, "rt") as f:
+        for line in f:
+            try:
+                b = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "book_id" in b:
+                texts.setdefault(str(b["book_id"]), f"{b['title']} | {', '.join(b['authors'])}")
+    ref = SentenceTransformer(str(minilm_dir), device="cpu").encode([texts[i] for i in got_ids], batch_size=32)
+    cos = (vecs * ref).sum(1) / np.linalg.norm(vecs, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cos.min() >= 0.9999
+
+    hits = nearest(tmp_path / "out", vecs[:5], k=3)
+    assert [h[0][0] for h in hits] == got_ids[:5]  # each vector's nearest neighbour is itself
+
+    # int8: same ids, vectors within quantisation error
+    cfg8 = cfg.model_copy(update={"out_dir": str(tmp_path / "out8"), "quantize": "int8", "faiss_index": False})
+    run_embed(cfg8)
+    ids8, vecs8 = read_vectors(tmp_path / "out8")
+    assert ids8 == got_ids
+    assert np.abs(vecs8 - vecs).max() < 1.0 / 127 + 1e-3
+
+
+def test_changed_catalogue_is_refused(tmp_path, minilm_dir):
+    cat = tmp_path / "books.jsonl.gz"
+    write_catalogue(cat, 20)
+    cfg = EmbedConfig(model=str(minilm_dir), out_dir=str(tmp_path / "out"), catalogue=CatalogueSource(path=str(cat)))
+    run_embed(cfg)
+    write_catalogue(cat, 25)
+    with pytest.raises(RecforgeError, match="different plan"):
+        run_embed(cfg)
+
+
+def test_sigkill_and_resume_loses_and_duplicates_nothing(tmp_path, minilm_dir):
+    cat = tmp_path / "books.jsonl.gz"
+    ids = write_catalogue(cat, 480)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "recforge", "embed", str(Path(__file__).parents[1] / "align/recipes/embed_goodbooks.yaml"),
+           f"model={minilm_dir}", f"out_dir={out}", f"catalogue.path={cat}", "shard_size=20", "batch_size=4",
+           "faiss_index=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600  # generous: a loaded machine starts the subprocess slowly
+    while time.time() < deadline and len(list((out / "shards").glob("part-*.parquet"))) < 1:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = len(list((out / "shards").glob("part-*.parquet")))
+    assert 1 <= before < 24, "the run must be killed part-way"
+    assert not (out / "manifest.json").exists()
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["resumed_shards"] == before
+    assert manifest["encoded_this_run"] == 480 - 20 * before
+    got, _ = read_vectors(out)
+    assert len(got) == len(set(got)) == 480 and set(got) == set(ids)
