@@ -33,11 +33,25 @@ data: $(STAMP)
 	$(RF) data data_recipes/recipes/esci_search.yaml out_dir=$(RUNS)/data/esci
 	$(RF) data data_recipes/recipes/goodbooks.yaml out_dir=$(RUNS)/data/goodbooks
 
-demo: data
+# The four stages on the shipped sample; `make eval-ctr` (the CTR bridge) runs separately.
+demo: data cpt generate-tags align
 	@echo
 	@echo "demo outputs:"
-	@echo "  $(RUNS)/data/esci       ESCI search corpora (items, queries, query_item, in_context, pairs)"
-	@echo "  $(RUNS)/data/goodbooks  goodbooks in-context, reading, pair and mix corpora"
+	@echo "  $(RUNS)/data/esci                      ESCI search corpora (items, queries, query_item, in_context, pairs)"
+	@echo "  $(RUNS)/data/goodbooks                 goodbooks field targets, in-context, pair and mix corpora"
+	@echo "  $(RUNS)/cpt/demo_report.json           CPT with and without replay: perplexity before/after per source"
+	@echo "  $(RUNS)/generate/goodbooks_tags        generated tags for held-out books, tag_eval.json (P@5, R@5)"
+	@echo "  $(RUNS)/align/esci_minilm              aligned MiniLM, export/ (SentenceTransformer), base-vs-tuned retrieval"
+	@echo "  $(RUNS)/embed/esci_products            catalogue vectors (Parquet) + faiss index"
+
+# Align MiniLM on ESCI training queries, export it, embed the catalogue, evaluate held-out queries.
+align: $(STAMP)
+	$(RF) align align/recipes/esci_minilm.yaml out_dir=$(RUNS)/align/esci_minilm
+	$(RF) embed align/recipes/embed_esci_products.yaml model=$(RUNS)/align/esci_minilm/model out_dir=$(RUNS)/embed/esci_products
+	$(RF) eval retrieval align/recipes/eval_esci.yaml models.tuned=$(RUNS)/align/esci_minilm/model out_dir=$(RUNS)/eval/esci_retrieval
+
+embed: $(STAMP)
+	$(RF) embed align/recipes/embed_goodbooks.yaml model=$(RUNS)/align/esci_minilm/model out_dir=$(RUNS)/embed/goodbooks
 
 # Continual pre-training demo: tiny model pre-trained on goodbooks, then CPT on ESCI with and
 # without general-text replay; report.json, loss.png and perplexity.png per run.
@@ -69,6 +83,9 @@ bench: $(STAMP)
 eval-ctr: $(STAMP)
 	$(RF) eval ctr align/recipes/ctr_goodbooks.yaml out_dir=$(RUNS)/ctr/goodbooks
 	$(RF) eval ctr align/recipes/ctr_movielens.yaml out_dir=$(RUNS)/ctr/movielens
+
+# Retrieval (base vs tuned) and tag evaluations run inside `make align` and `make generate-tags`.
+eval: eval-ctr
 
 export-features: $(STAMP)
 	$(RF) export-features align/recipes/features_goodbooks_items.yaml out_dir=$(RUNS)/features/goodbooks_items

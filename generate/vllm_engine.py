@@ -10,7 +10,7 @@ guards against, from experience with vLLM batch jobs:
 - each LoRA adapter gets one stable integer id (vLLM caches adapters by id: a new id per call reloads it,
   the same id for two adapters serves the wrong one);
 - prefix caching is on: shared instructions sit first in every prompt (system turn, then the record).
-One engine per process: run shards as separate processes (see generate/README.md).
+One engine per process: run shards as separate processes (see the README, "GPU variant and many GPUs / nodes").
 """
 
 from __future__ import annotations
