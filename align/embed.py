@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from recforge.config import RecforgeError
-from recforge.io import JsonlAppender, atomic_write_json, open_text, resolve_path, sha256_file, write_parquet_atomic
+from recforge.data_recipes.readers import RejectLog, SourceConfig, read_items
+from recforge.io import atomic_write_json, sha256_file, write_parquet_atomic
 from recforge.manifest import RunRecorder
 
 from .align_config import CatalogueSource, EmbedConfig
@@ -37,46 +38,14 @@ def item_text(row: dict, fields: list[str]) -> str:
     return " | ".join(parts)
 
 
-def read_catalogue(src: CatalogueSource, rejects: JsonlAppender | None = None, limit: int | None = None) -> tuple[list[str], list[str], dict]:
-    """(ids, texts, reject counts). Rows without an id or text, bad JSON and repeated ids are quarantined."""
-    ids, texts, seen, counts = [], [], set(), {}
-
-    def reject(lineno, reason, raw):
-        counts[reason] = counts.get(reason, 0) + 1
-        if rejects:
-            rejects.write({"file": src.path, "line": lineno, "reason": reason, "raw": raw[:500]})
-
-    path = resolve_path(src.path)
-    if not path.is_file():
-        raise RecforgeError(f"catalogue.path: file not found: {src.path}")
-    with open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                reject(lineno, "bad_json", line)
-                continue
-            if not isinstance(row, dict) or row.get(src.id) in (None, ""):
-                reject(lineno, "missing_id", line)
-                continue
-            item_id = str(row[src.id])
-            text = item_text(row, src.text_fields)
-            if not text:
-                reject(lineno, "empty_text", line)
-                continue
-            if item_id in seen:
-                reject(lineno, "duplicate_id", line)
-                continue
-            seen.add(item_id)
-            ids.append(item_id)
-            texts.append(text)
-            if limit and len(ids) >= limit:
-                break
-    if rejects:
-        rejects.flush()
-    return ids, texts, counts
+def read_catalogue(src: CatalogueSource, rejects: RejectLog | None = None, limit: int | None = None) -> tuple[list[str], list[str], dict]:
+    """(ids, texts, reject counts) through the shared readers, so bad rows are quarantined with the same
+    file / line / reason / raw text as every other stage."""
+    log = rejects if rejects is not None else RejectLog()
+    items = read_items(SourceConfig(path=src.path, id=src.id, fields={f: f for f in src.text_fields}), log, "catalogue")
+    if limit:
+        items = items[:limit]
+    return [it.item_id for it in items], [item_text(it.fields, src.text_fields) for it in items], dict(log.counts)
 
 
 def token_lengths(model, texts: list[str], prompt: str | None) -> list[int]:
@@ -184,8 +153,9 @@ def run_embed(cfg: EmbedConfig) -> dict:
 
     out_dir = Path(cfg.out_dir)
     run = RunRecorder(out_dir, "embed", cfg)
-    with JsonlAppender(out_dir / "rejects.jsonl") as rejects:
-        ids, texts, reject_counts = read_catalogue(cfg.catalogue, rejects, cfg.limit)
+    rejects = RejectLog(out_dir / "rejects.jsonl")
+    ids, texts, reject_counts = read_catalogue(cfg.catalogue, rejects, cfg.limit)
+    rejects.close()
     run.rejects.update(reject_counts)
     run.add_input(cfg.catalogue.path, name="catalogue", rows=len(ids))
     if not ids:

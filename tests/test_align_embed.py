@@ -32,7 +32,7 @@ def write_catalogue(path: Path, n: int, bad_rows: bool = False) -> list[str]:
         if bad_rows:
             out.write("{not json\n")
             out.write(json.dumps({"title": "no id"}) + "\n")
-            out.write(json.dumps(books[0]) + "\n")  # a repeated id
+            out.write(json.dumps({**books[0], "title": "Another book"}) + "\n")  # a repeated id, other content
     return [str(b["book_id"]) for b in books]
 
 
@@ -64,7 +64,7 @@ def test_embed_matches_st_encode_and_quarantines_bad_rows(tmp_path, minilm_dir):
     got_ids, vecs = read_vectors(tmp_path / "out")
     assert sorted(got_ids) == sorted(ids) and len(got_ids) == len(set(got_ids))
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["rejects"]["by_reason"] == {"bad_json": 1, "duplicate_id": 1, "missing_id": 1}
+    assert manifest["rejects"]["by_reason"] == {"invalid_json": 1, "conflicting_duplicate": 1, "missing_id": 1}
     assert len((tmp_path / "out" / "rejects.jsonl").read_text().splitlines()) == 3
 
     texts = {}
