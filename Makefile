@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.recforge-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all data cpt sft publish generate-tags align embed eval eval-ctr export-features bench tiny-model clean
+.PHONY: install demo test test-all data cpt sft publish generate-tags align embed eval eval-ctr generate-knowledge export-features bench tiny-model clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -41,7 +41,7 @@ demo: data cpt generate-tags align
 	@echo "  $(RUNS)/data/goodbooks                 goodbooks field targets, in-context, pair and mix corpora"
 	@echo "  $(RUNS)/cpt/demo_report.json           CPT with and without replay: perplexity before/after per source"
 	@echo "  $(RUNS)/generate/goodbooks_tags        generated tags for held-out books, tag_eval.json (P@5, R@5)"
-	@echo "  $(RUNS)/align/esci_minilm              aligned MiniLM, export/ (SentenceTransformer), base-vs-tuned retrieval"
+	@echo "  $(RUNS)/align/esci_minilm              aligned MiniLM: model/ loads with SentenceTransformer(path); base-vs-tuned retrieval"
 	@echo "  $(RUNS)/embed/esci_products            catalogue vectors (Parquet) + faiss index"
 
 # Align MiniLM on ESCI training queries, export it, embed the catalogue, evaluate held-out queries.
@@ -80,9 +80,16 @@ bench: $(STAMP)
 
 # CTR lift of text / knowledge features on the shipped goodbooks ratings, and on MovieLens-100K
 # where ../shared/data/movielens_100k exists (skipped with a reason otherwise; never committed).
+# The `knowledge` variant reads generate's item-knowledge table: `make generate-knowledge` first
+# (without it that variant is skipped, with the reason in the report).
 eval-ctr: $(STAMP)
-	$(RF) eval ctr align/recipes/ctr_goodbooks.yaml out_dir=$(RUNS)/ctr/goodbooks
-	$(RF) eval ctr align/recipes/ctr_movielens.yaml out_dir=$(RUNS)/ctr/movielens
+	$(RF) eval ctr align/recipes/ctr_goodbooks.yaml out_dir=$(RUNS)/ctr/goodbooks inputs.knowledge=$(RUNS)/generate/goodbooks_knowledge/features
+	$(RF) eval ctr align/recipes/ctr_movielens.yaml out_dir=$(RUNS)/ctr/movielens inputs.knowledge=$(RUNS)/generate/movielens_knowledge/features
+
+# KAR item knowledge for the 399 books of the ratings sample, exported as a features table.
+generate-knowledge: tiny-model
+	$(RF) generate generate/recipes/goodbooks_item_knowledge.yaml input.path=sample://goodbooks_10k_ratings_subset/items.jsonl.gz input.limit=null model.name_or_path=$(RUNS)/tiny-model out_dir=$(RUNS)/generate/goodbooks_knowledge --overwrite
+	$(RF) generate-export $(RUNS)/generate/goodbooks_knowledge --out $(RUNS)/generate/goodbooks_knowledge/features/features.parquet
 
 # Retrieval (base vs tuned) and tag evaluations run inside `make align` and `make generate-tags`.
 eval: eval-ctr
