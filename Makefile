@@ -84,7 +84,7 @@ bench: $(STAMP)
 # (without it that variant is skipped, with the reason in the report).
 eval-ctr: $(STAMP)
 	$(RF) eval ctr align/recipes/ctr_goodbooks.yaml out_dir=$(RUNS)/ctr/goodbooks inputs.knowledge=$(RUNS)/generate/goodbooks_knowledge/features
-	$(RF) eval ctr align/recipes/ctr_movielens.yaml out_dir=$(RUNS)/ctr/movielens inputs.knowledge=$(RUNS)/generate/movielens_knowledge/features
+	$(RF) eval ctr align/recipes/ctr_ml100k.yaml out_dir=$(RUNS)/ctr/movielens inputs.knowledge=$(RUNS)/generate/movielens_knowledge/features
 
 # KAR item knowledge for the 399 books of the ratings sample, exported as a features table.
 generate-knowledge: tiny-model

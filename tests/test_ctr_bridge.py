@@ -173,7 +173,7 @@ def test_movielens_recipe_skips_cleanly_where_the_data_is_absent(tmp_path, repo_
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "recforge", "eval", "ctr", str(repo_root / "align/recipes/ctr_movielens.yaml"),
+    proc = subprocess.run([sys.executable, "-m", "recforge", "eval", "ctr", str(repo_root / "align/recipes/ctr_ml100k.yaml"),
                            f"out_dir={tmp_path}", f"inputs.interactions.path={tmp_path}/absent/interactions.jsonl.gz"],
                           capture_output=True, text=True, cwd=repo_root)
     assert proc.returncode == 0 and "skipped: input files absent" in proc.stdout

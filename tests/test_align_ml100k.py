@@ -51,7 +51,7 @@ def test_missing_movielens_is_a_clear_error(tmp_path):
 def test_movielens_i2i_recipe_improves_recall(tmp_path):
     from recforge.align.trainer import run_align
 
-    cfg = load_recipe(AlignConfig, REPO / "align/recipes/movielens_i2i.yaml",
+    cfg = load_recipe(AlignConfig, REPO / "align/recipes/i2i_ml100k.yaml",
                       [f"out_dir={tmp_path / 'run'}", f"data.movielens.path={MOVIELENS}", "data.movielens.max_train_pairs=600"])
     out = run_align(cfg)
     assert out["metrics"]["tuned"]["recall@100"] > out["metrics"]["base"]["recall@100"]
