@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.recforge-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all data cpt sft publish generate-tags align embed eval eval-ctr generate-knowledge export-features bench tiny-model clean
+.PHONY: install demo test test-all data cpt sft publish generate-tags align embed eval eval-ctr generate-knowledge export-features bench bench-make-targets tiny-model sft-tags align-goodbooks align-i2i clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -50,6 +50,16 @@ align: $(STAMP)
 	$(RF) embed align/recipes/embed_esci_products.yaml model=$(RUNS)/align/esci_minilm/model out_dir=$(RUNS)/embed/esci_products
 	$(RF) eval retrieval align/recipes/eval_esci.yaml models.tuned=$(RUNS)/align/esci_minilm/model out_dir=$(RUNS)/eval/esci_retrieval
 
+# LARR multi-type (user/item/tag) alignment and NoteLLM's joint InfoNCE + tag-generation loss on goodbooks pairs.
+align-goodbooks: data tiny-model
+	$(RF) align align/recipes/goodbooks_larr.yaml data.pairs_path=$(RUNS)/data/goodbooks/pairs out_dir=$(RUNS)/align/goodbooks_larr
+	$(RF) align align/recipes/goodbooks_notellm.yaml data.pairs_path=$(RUNS)/data/goodbooks/pairs backbone.path=$(RUNS)/tiny-model out_dir=$(RUNS)/align/goodbooks_notellm
+
+# NoteLLM-style item <-> item recall on MovieLens-100K co-engagement (read from its path, never copied).
+MOVIELENS ?= ../shared/data/movielens_100k
+align-i2i: $(STAMP)
+	$(RF) align align/recipes/i2i_ml100k.yaml data.movielens.path=$(MOVIELENS) out_dir=$(RUNS)/align/movielens_i2i
+
 embed: $(STAMP)
 	$(RF) embed align/recipes/embed_goodbooks.yaml model=$(RUNS)/align/esci_minilm/model out_dir=$(RUNS)/embed/goodbooks
 
@@ -59,24 +69,34 @@ cpt: tiny-model
 	$(RF) cpt-demo --out $(RUNS)/cpt --base-model $(RUNS)/tiny-model
 
 # Supervised fine-tuning (trl, completion-only loss): book -> shelf tags (generate's demo tagger)
-# and ESCI relevance as generation.
+# and ESCI relevance as generation (from `make cpt`'s ESCI model when it exists, else the tiny base model).
+RELEVANCE_BASE = $(if $(wildcard $(RUNS)/cpt/esci_replay/model/config.json),$(RUNS)/cpt/esci_replay/model,$(RUNS)/tiny-model)
 sft: tiny-model
 	$(RF) sft finetune/recipes/sft_goodbooks_tags_tiny.yaml model.path=$(RUNS)/tiny-model out_dir=$(RUNS)/sft/goodbooks_tags
-	$(RF) sft finetune/recipes/sft_esci_relevance_tiny.yaml model.path=$(RUNS)/tiny-model out_dir=$(RUNS)/sft/esci_relevance
+	$(RF) sft finetune/recipes/sft_esci_relevance_tiny.yaml model.path=$(RELEVANCE_BASE) out_dir=$(RUNS)/sft/esci_relevance
+
+# The demo tagger: finetune's NoteLLM-style item -> tags SFT (the tiny model fully fine-tuned on the
+# training books' shelf tags, 400 steps); skipped when its merged model exists (`make sft` retrains it).
+sft-tags: tiny-model
+	test -f $(RUNS)/sft/goodbooks_tags/merged/config.json || $(RF) sft finetune/recipes/sft_goodbooks_tags_tiny.yaml model.path=$(RUNS)/tiny-model out_dir=$(RUNS)/sft/goodbooks_tags
 
 publish: sft
 	$(RF) publish $(RUNS)/sft/goodbooks_tags --out $(RUNS)/publish/goodbooks_tags --merge
 
-# NoteLLM-style tags for held-out goodbooks books: the tiny model fine-tuned by `make sft-tags`
-# when it exists (falls back to the tiny base model, and says so), validated, exported, scored.
-generate-tags: tiny-model
+# NoteLLM-style tags for held-out goodbooks books by the tagger `make sft-tags` builds (the recipe falls
+# back to the tiny base model, and says so, only where that folder is missing), validated, exported, scored.
+generate-tags: sft-tags
 	$(RF) generate generate/recipes/goodbooks_tags.yaml out_dir=$(RUNS)/generate/goodbooks_tags model.name_or_path=$(RUNS)/sft/goodbooks_tags/merged model.fallback=$(RUNS)/tiny-model --overwrite
 	$(RF) generate-export $(RUNS)/generate/goodbooks_tags --out $(RUNS)/generate/goodbooks_tags/features/features.parquet
 	$(RF) eval tags --pred $(RUNS)/generate/goodbooks_tags --out $(RUNS)/generate/goodbooks_tags/tag_eval.json
 
 # Each benchmark prints ratios measured side by side in one run and writes JSON to bench/results/.
+# (bench/make_targets.py, the fresh-clone timing of the demo targets, runs separately: `make bench-make-targets`.)
 bench: $(STAMP)
-	for script in bench/*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+	for script in bench/*.py; do [ $$script = bench/make_targets.py ] && continue; echo "== $$script"; $(PY) $$script || exit 1; done
+
+bench-make-targets:
+	python3 bench/make_targets.py
 
 # CTR lift of text / knowledge features on the shipped goodbooks ratings, and on MovieLens-100K
 # where ../shared/data/movielens_100k exists (skipped with a reason otherwise; never committed).

@@ -43,6 +43,24 @@ class PoolingConfig(RecipeModel):
     normalize: bool = True
 
 
+class GenerationLossConfig(RecipeModel):
+    """NoteLLM's generation targets (used when `loss.generation_weight` > 0, causal-LM backbones only).
+
+    Targets come from the training pairs' `item_tag` rows (item -> its tags, e.g. data_recipes' goodbooks
+    shelf tags) unless `targets_path` names a catalogue file with a tags list and/or a category field.
+    """
+
+    targets_path: str | None = None  # JSONL / Parquet; default: the training pairs' item_tag rows
+    id_field: str = "item_id"
+    hashtags_field: str | None = "tags"  # list of strings, or of objects with `tag_name_key`
+    tag_name_key: str = "tag_name"
+    category_field: str | None = "category"
+    exclude_tags: list[str] = Field(default_factory=list)
+    hashtag_share: float = Field(0.4, ge=0.0, le=1.0, description="NoteLLM: 40 % hashtags, the rest category")
+    max_hashtags: int = 3
+    max_target_tokens: int = 24
+
+
 class LossConfig(RecipeModel):
     """InfoNCE with in-batch negatives (+ hard negatives when the pairs carry them).
 
@@ -61,6 +79,8 @@ class LossConfig(RecipeModel):
     gather_across_devices: bool = False
     kind_weights: dict[str, float] = Field(default_factory=dict, description="LARR: weight per pair kind")
     use_pair_weights: bool = False  # weight each pair's term by its `weight` column (raw counts can be very skewed)
+    generation_weight: float = Field(0.0, ge=0.0, description="NoteLLM α: (InfoNCE + α·generation)/(1+α); 0 = off")
+    generation: GenerationLossConfig = Field(default_factory=GenerationLossConfig)
 
 
 class EsciSource(RecipeModel):
@@ -69,6 +89,11 @@ class EsciSource(RecipeModel):
     judgments: str = "sample://esci_us_titles/judgments.jsonl.gz"
     min_positive_grade: float = 2.0  # ESCI: 3 exact, 2 substitute -> positives
     eval_percent: int = Field(30, ge=1, le=99, description="share of queries (by hash of query_id) held out")
+    # Inverse-cloze-style pseudo queries (Lee et al. 2019): a few words cut from each catalogue title become an
+    # extra (pseudo query -> title) training pair. Catalogue text only: held-out queries and judgments are never read.
+    pseudo_queries_per_product: int = Field(0, ge=0)
+    pseudo_query_words: tuple[int, int] = (1, 4)
+    pseudo_query_from_first_words: int = 12  # spans from the head of the title (what a short max_seq_length keeps)
 
 
 class MovieLensSource(RecipeModel):
@@ -94,6 +119,7 @@ class DataConfig(RecipeModel):
     esci: EsciSource = Field(default_factory=EsciSource)
     movielens: MovieLensSource = Field(default_factory=MovieLensSource)
     max_train_pairs: int | None = None
+    kinds: list[str] | None = None  # pairs files: keep only these pair kinds (train and held-out), e.g. [item_item]
     max_train_pairs_per_kind: int | None = None  # pairs files: cap each kind (hash-sampled)
     max_eval_queries_per_kind: int | None = None
     query_prompt: str | None = None  # instruction prefix for anchors (queries / users)

@@ -53,9 +53,21 @@ def evaluate_model(model, task: RetrievalTask, k_values: list[int], batch_size: 
     docs = encode_texts(model, [task.corpus[d] for d in doc_ids], "document", batch_size)
     queries = encode_texts(model, [task.queries[q] for q in q_ids], "query", batch_size)
     scores = queries @ docs.T
-    top = np.argsort(-scores, axis=1, kind="stable")[:, : max(max(k_values), 10)]
+    depth = max(max(k_values), 10)
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :depth]
     ranked = [[doc_ids[j] for j in row] for row in top]
-    return rank_metrics(ranked, [task.qrels[q] for q in q_ids], k_values, task.relevant_min_grade)
+    out = rank_metrics(ranked, [task.qrels[q] for q in q_ids], k_values, task.relevant_min_grade)
+    for kind in sorted(set(task.query_kind.values())):
+        # The same vectors, each kind ranked against its own candidates only (user -> tag among the tags, ...).
+        rows = [i for i, q in enumerate(q_ids) if task.query_kind.get(q) == kind]
+        cols = [j for j, d in enumerate(doc_ids) if d in task.kind_corpus.get(kind, set())]
+        if not rows or not cols:
+            continue
+        sub_top = np.argsort(-scores[np.ix_(rows, cols)], axis=1, kind="stable")[:, :depth]
+        per = rank_metrics([[doc_ids[cols[j]] for j in row] for row in sub_top],
+                           [task.qrels[q_ids[i]] for i in rows], [10], task.relevant_min_grade)
+        out.update({f"{kind}:ndcg@10": per["ndcg@10"], f"{kind}:recall@10": per["recall@10"]})
+    return out
 
 
 def markdown_table(results: dict[str, dict[str, float]]) -> str:
@@ -80,7 +92,7 @@ def bar_chart(results: dict[str, dict[str, float]], path: Path, title: str) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [m for m in next(iter(results.values())) if m != "queries"]
+    metrics = [m for m in next(iter(results.values())) if m != "queries" and ":" not in m]  # per-kind rows: table only
     x = np.arange(len(metrics))
     width = 0.8 / len(results)
     fig, ax = plt.subplots(figsize=(1.2 * len(metrics) + 2, 3.5))

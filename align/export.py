@@ -21,8 +21,9 @@ def merge_lora(model) -> bool:
     from peft import PeftModel
 
     transformer = model[0]
-    if isinstance(getattr(transformer, "auto_model", None), PeftModel):
-        transformer.auto_model = transformer.auto_model.merge_and_unload()
+    # sentence-transformers 6: `auto_model` is a read-only alias of the `model` submodule; set `model`
+    if isinstance(getattr(transformer, "model", None), PeftModel):
+        transformer.model = transformer.model.merge_and_unload()
         return True
     return False
 

@@ -136,7 +136,10 @@ class WeightedLoss(nn.Module):
         self.model = loss.model
 
     def forward(self, sentence_features, labels):
-        return self.weight * self.loss(sentence_features, labels)
+        out = self.loss(sentence_features, labels)
+        if isinstance(out, dict):  # NoteLLM's joint loss returns its parts
+            return {k: self.weight * v for k, v in out.items()}
+        return self.weight * out
 
 
 def build_loss(cfg: LossConfig, model, pairs: list[dict]):

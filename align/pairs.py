@@ -31,6 +31,10 @@ class RetrievalTask:
     qrels: dict[str, dict[str, float]]
     name: str = "retrieval"
     relevant_min_grade: float = 1.0
+    # Pairs files with several kinds: each query's kind, and the documents a kind ranks (tags for user->tag, ...),
+    # so each kind is also scored against its own candidates (`<kind>:ndcg@10`), next to the shared-space ranking.
+    query_kind: dict[str, str] = field(default_factory=dict)
+    kind_corpus: dict[str, set[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -108,13 +112,40 @@ def build_esci(src: EsciSource) -> AlignData:
                     "split": "train",
                 }
             )
+    train_pairs += pseudo_query_pairs(products, src.pseudo_queries_per_product, src.pseudo_query_words,
+                                      src.pseudo_query_from_first_words)
     task = RetrievalTask(
         queries={q: queries[q] for q in qrels}, corpus=products, qrels=qrels, name="esci",
         relevant_min_grade=src.min_positive_grade,
     )
     inputs = [(src.queries, len(queries)), (src.products, len(products)), (src.judgments, len(judgments))]
-    return AlignData(train_pairs, task, inputs, {"train_queries": len({p["anchor_id"] for p in train_pairs}),
+    real = [p for p in train_pairs if not p["pair_id"].startswith("ict:")]
+    return AlignData(train_pairs, task, inputs, {"train_queries": len({p["anchor_id"] for p in real}),
+                                                 "train_query_pairs": len(real), "pseudo_query_pairs": len(train_pairs) - len(real),
                                                  "eval_queries": len(qrels)})
+
+
+def pseudo_query_pairs(products: dict[str, str], per_product: int, words: tuple[int, int], first_words: int = 12) -> list[dict]:
+    """Inverse cloze task: `per_product` spans of `words` words cut from each title, paired with the title.
+
+    Seeded by a hash of the product id (reproducible). Uses catalogue text only, the way a search team has its
+    catalogue long before it has judged queries; the held-out queries and their judgments are never read."""
+    import random
+
+    pairs = []
+    for pid in sorted(products):
+        tokens = products[pid].split()[:first_words]
+        if len(tokens) < 2:
+            continue
+        rng = random.Random(stable_bucket(f"pseudo:{pid}") * 1000003 + len(tokens))
+        for k in range(per_product):
+            n = min(rng.randint(*words), len(tokens) - 1)
+            start = rng.randint(0, len(tokens) - n)
+            pairs.append({"pair_id": f"ict:{pid}:{k}", "kind": "query_item", "anchor_id": f"pseudo:{pid}:{k}",
+                          "anchor": " ".join(tokens[start : start + n]).lower(), "positive_id": pid,
+                          "positive": products[pid], "weight": 1.0, "negative_id": None, "negative": None,
+                          "anchor_positive_ids": [pid], "split": "train"})
+    return pairs
 
 
 def _pairs_files(path: Path) -> list[Path]:
@@ -165,10 +196,17 @@ def _cap_per_kind(rows: list[dict], cap: int | None) -> list[dict]:
     return [r for k in sorted(by_kind) for r in by_kind[k]]
 
 
-def build_from_pairs(path: str, max_train_per_kind: int | None = None, max_eval_queries_per_kind: int | None = None) -> AlignData:
+def build_from_pairs(path: str, max_train_per_kind: int | None = None, max_eval_queries_per_kind: int | None = None,
+                     kinds: list[str] | None = None) -> AlignData:
     """Train on split == train rows; held-out anchors (keyed `kind:anchor_id`, since a user and an item may share
-    an id) are ranked against every positive/negative text in the file."""
+    an id) are ranked against every positive/negative text in the file (of the kept kinds); their relevant
+    documents are the positives of their held-out rows."""
     rows = read_pairs(path)
+    if kinds:
+        found = {r["kind"] for r in rows}
+        if not set(kinds) & found:
+            raise RecforgeError(f"{path}: data.kinds={kinds} but the file has kinds {sorted(found)}")
+        rows = [r for r in rows if r["kind"] in kinds]
     train = _cap_per_kind([r for r in rows if (r["split"] or "train") == "train"], max_train_per_kind)
     held = [r for r in rows if (r["split"] or "train") != "train"]
     if not held:
@@ -186,11 +224,20 @@ def build_from_pairs(path: str, max_train_per_kind: int | None = None, max_eval_
             continue
         per_kind[r["kind"]].add(qid)
         queries[qid] = r["anchor"]
-        for pid in [r["positive_id"], *r["anchor_positive_ids"]]:
-            if str(pid) in corpus:
-                qrels[qid][str(pid)] = 1.0
+        # Relevant = the positives of the anchor's held-out rows. `anchor_positive_ids` is for masking only: for
+        # user -> next item it also lists the books already in the user's history text, and counting those
+        # would reward echoing the history instead of predicting the held-out item.
+        if str(r["positive_id"]) in corpus:
+            qrels[qid][str(r["positive_id"])] = 1.0
     train_keys = {f"{r['kind']}:{r['anchor_id']}" for r in train}
-    task = RetrievalTask(queries, corpus, dict(qrels), name=Path(path).stem, relevant_min_grade=1.0)
+    kind_corpus: dict[str, set[str]] = defaultdict(set)
+    for r in rows:
+        kind_corpus[r["kind"]].add(str(r["positive_id"]))
+        if r.get("negative_id") and r.get("negative"):
+            kind_corpus[r["kind"]].add(str(r["negative_id"]))
+    query_kind = {q: q.split(":", 1)[0] for q in queries}
+    task = RetrievalTask(queries, corpus, dict(qrels), name=Path(path).stem, relevant_min_grade=1.0,
+                         query_kind=query_kind if len(per_kind) > 1 else {}, kind_corpus=dict(kind_corpus))
     return AlignData(train, task, [(path, len(rows))], {"eval_anchors_also_in_train": len(train_keys & set(queries)),
                                                         "train_pairs": len(train), "eval_queries": len(queries),
                                                         "train_kinds": dict(sorted({k: sum(r["kind"] == k for r in train) for k in {r["kind"] for r in train}}.items()))})
@@ -247,7 +294,7 @@ def build_movielens(src: MovieLensSource) -> AlignData:
 
 def load_align_data(cfg: DataConfig) -> AlignData:
     if cfg.source == "pairs":
-        data = build_from_pairs(cfg.pairs_path, cfg.max_train_pairs_per_kind, cfg.max_eval_queries_per_kind)
+        data = build_from_pairs(cfg.pairs_path, cfg.max_train_pairs_per_kind, cfg.max_eval_queries_per_kind, cfg.kinds)
     elif cfg.source == "movielens":
         data = build_movielens(cfg.movielens)
     else:

@@ -18,6 +18,7 @@ from recforge.manifest import RunRecorder
 from .align_config import AlignConfig
 from .evaluate import evaluate_model, write_report
 from .export import check_export, encode_both_paddings, export_model, model_card
+from .generation_loss import probe_generation_loss
 from .losses import WeightedLoss, build_loss
 from .pairs import load_align_data, pairs_table
 
@@ -62,7 +63,32 @@ def training_dataset(pairs: list[dict], use_negatives: bool):
     return Dataset.from_dict(columns)
 
 
-def train_model(model, pairs: list[dict], cfg: AlignConfig, out_dir: Path) -> dict:
+def add_generation_loss(model, parts: dict, cfg: AlignConfig, info: dict | None, all_pairs: list[dict]):
+    """Wrap each kind's contrastive loss (`parts[name] = (loss, that kind's pairs)`) in NoteLLM's joint loss,
+    one LM head shared by all kinds. Targets from pairs use every training pair (item_tag rows of any kind)."""
+    from .generation_loss import (NoteLLMJointLoss, generation_examples, load_lm_head, targets_from_file,
+                                  targets_from_pairs)
+
+    gen = cfg.loss.generation
+    if not info or info.get("kind") != "causal_lm":
+        raise RecforgeError("loss.generation_weight > 0 needs a causal-LM backbone (the generation term uses its LM head)")
+    targets = targets_from_file(gen) if gen.targets_path else targets_from_pairs(all_pairs, gen.max_hashtags)
+    if not targets:
+        raise RecforgeError("loss.generation_weight > 0 but no generation targets: the training pairs have no item_tag rows; "
+                            "set loss.generation.targets_path to a catalogue with tags / a category")
+    head = load_lm_head(Path(info["backbone_path"]), model)
+    if cfg.backbone.lora:
+        head.weight.requires_grad_(False)  # LoRA trains adapters only, like the rest of the backbone
+    wrapped = {}
+    for name, (part, kind_pairs) in parts.items():
+        examples = generation_examples(kind_pairs, targets, gen, cfg.data.query_prompt, cfg.data.document_prompt)
+        inner = part.loss if isinstance(part, WeightedLoss) else part
+        joint = NoteLLMJointLoss(model, inner, head, examples, cfg.loss.generation_weight, gen.max_target_tokens)
+        wrapped[name] = WeightedLoss(joint, part.weight) if isinstance(part, WeightedLoss) else joint
+    return wrapped, len(targets)
+
+
+def train_model(model, pairs: list[dict], cfg: AlignConfig, out_dir: Path, info: dict | None = None) -> dict:
     """Run SentenceTransformerTrainer on the pairs; returns the training log summary."""
     from sentence_transformers.base.sampler import BatchSamplers
     from sentence_transformers.sentence_transformer import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
@@ -84,6 +110,16 @@ def train_model(model, pairs: list[dict], cfg: AlignConfig, out_dir: Path) -> di
         dataset = {k: training_dataset(v, use_negatives) for k, v in sorted(by_kind.items())}
         loss = {k: WeightedLoss(build_loss(cfg.loss, model, v), cfg.loss.kind_weights.get(k, 1.0))
                 for k, v in sorted(by_kind.items())}
+    generation = {}
+    if cfg.loss.generation_weight > 0:
+        parts = loss if isinstance(loss, dict) else {"all": loss}
+        kind_pairs = by_kind if isinstance(loss, dict) else {"all": next(iter(by_kind.values()))}
+        wrapped, n_targets = add_generation_loss(model, {k: (parts[k], kind_pairs[k]) for k in parts}, cfg, info, pairs)
+        loss = wrapped if isinstance(loss, dict) else wrapped["all"]
+        joint = [getattr(p, "loss", p) for p in wrapped.values()]
+        generation = {"generation_items_with_targets": n_targets,
+                      "generation_rows_with_targets": sum(sum(e is not None for e in j.examples) for j in joint),
+                      "generation_loss_before": probe_generation_loss(joint)}
     column_prompts = {}
     if cfg.data.query_prompt:
         column_prompts["anchor"] = cfg.data.query_prompt
@@ -109,14 +145,17 @@ def train_model(model, pairs: list[dict], cfg: AlignConfig, out_dir: Path) -> di
     )
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss)
     result = trainer.train()
+    if generation:
+        generation["generation_loss_after"] = probe_generation_loss(joint)
     history = [h for h in trainer.state.log_history if "loss" in h]
     summary = {"steps": trainer.state.global_step, "train_loss": result.training_loss,
                "first_logged_loss": history[0]["loss"] if history else None,
                "last_logged_loss": history[-1]["loss"] if history else None,
                "train_rows": sum(len(d) for d in dataset.values()) if isinstance(dataset, dict) else len(dataset),
-               "kinds": {k: len(v) for k, v in by_kind.items()}}
+               "kinds": {k: len(v) for k, v in by_kind.items()}, **generation}
     for name, part in (loss.items() if isinstance(loss, dict) else [("all", loss)]):
         inner = getattr(part, "loss", part)
+        inner = getattr(inner, "contrastive", inner)
         if getattr(inner, "log_scale", None) is not None:
             summary[f"final_temperature_{name}"] = float(1.0 / inner.scale)
     return summary
@@ -129,7 +168,9 @@ def wrap_lora(model, cfg: AlignConfig) -> None:
     transformer = model[0]
     lora = LoraConfig(r=cfg.backbone.lora_r, lora_alpha=cfg.backbone.lora_alpha, lora_dropout=cfg.backbone.lora_dropout,
                       target_modules=cfg.backbone.lora_target_modules, bias="none")
-    transformer.auto_model = get_peft_model(transformer.auto_model, lora)
+    # `model`, not `auto_model`: in sentence-transformers 6 `auto_model` is a read-only property returning
+    # `model`; assigning to it registered a second submodule while the exported one kept peft's wrapped layers
+    transformer.model = get_peft_model(transformer.model, lora)
 
 
 def probe_texts(task, n: int = 12) -> list[str]:
@@ -143,7 +184,7 @@ def run_align(cfg: AlignConfig) -> dict:
     import torch
     from transformers import set_seed
 
-    from .pooling import build_embedding_model
+    from .pooling import build_embedding_model, resolve_backbone_path
 
     out_dir = Path(cfg.out_dir)
     run = RunRecorder(out_dir, "align", cfg, cfg.seed)
@@ -155,8 +196,15 @@ def run_align(cfg: AlignConfig) -> dict:
     write_parquet_atomic(pairs_table(data.train_pairs), out_dir / "train_pairs.parquet")
     run.add_output("train_pairs", out_dir / "train_pairs.parquet", rows=len(data.train_pairs))
 
+    # Build the tiny LM first if it is not cached yet (that re-seeds torch), then seed: the projection's initial
+    # weights, hence the "base" scores, are then the same whether or not the backbone had to be built.
+    resolve_backbone_path(cfg.backbone.path, str(out_dir.parent))
+    set_seed(cfg.seed)
     model, info = build_embedding_model(cfg.backbone, cfg.pooling, prompts_of(cfg), cache_root=str(out_dir.parent))
     info["lora"] = cfg.backbone.lora
+    if cfg.loss.generation_weight > 0 and info["kind"] != "causal_lm":
+        raise RecforgeError("loss.generation_weight > 0 needs a causal-LM backbone (the generation term uses its LM head); "
+                            f"{info['backbone_path']} is an encoder")
     model.to("cpu")
     results = {}
     if cfg.eval.compare_base:
@@ -164,7 +212,7 @@ def run_align(cfg: AlignConfig) -> dict:
         log.info("base: %s", results["base"])
     if cfg.backbone.lora:
         wrap_lora(model, cfg)
-    summary = train_model(model, data.train_pairs, cfg, out_dir)
+    summary = train_model(model, data.train_pairs, cfg, out_dir, info)
     model.eval()
 
     texts = probe_texts(data.task)

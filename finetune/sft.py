@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 from recforge.config import RecforgeError
@@ -78,18 +79,35 @@ def book_text(b: dict) -> str:
 
 def tags_examples(cfg: SFTConfig) -> list[dict]:
     d = cfg.tags
-    skip = set(d.skip_tags)
-    out = []
+    skip = {t.lower() for t in d.skip_tags}
+    books = []
     for b in _jsonl(d.books):
-        tags = [t["tag_name"] for t in sorted(b.get("tags", []), key=lambda t: -t["count"]) if t["tag_name"] not in skip]
-        tags = tags[: d.n_tags]
-        if not tags:
-            continue
+        tags = [t for t in book_target_tags(b.get("tags") or [], d.reader_shelf_rule) if t.lower() not in skip]
+        if tags:
+            books.append((b, tags[: d.from_top or d.n_tags]))
+    if d.order == "frequency":
+        # one global order: tags most common among the training books first (held-out books not counted)
+        freq = Counter(t for b, tags in books if not held_out(f"book:{b['book_id']}", cfg.eval_percent) for t in tags)
+        books = [(b, sorted(tags, key=lambda t: (-freq[t], t))) for b, tags in books]
+    books = [(b, tags[: d.n_tags]) for b, tags in books]
+    out = []
+    for b, tags in books:
         ex = _example(f"book:{b['book_id']}", f"{TAGS_INSTRUCTION.format(n=d.n_tags)}\nBook: {book_text(b)}",
                       ", ".join(tags), tags)
         ex["group"] = ex["id"]
         out.append(ex)
     return out
+
+
+def book_target_tags(tags: list[dict], reader_shelf_rule: bool) -> list[str]:
+    """A book's shelves, most used first. With `reader_shelf_rule`: normalised and filtered by generate's
+    documented reader-shelf rule, i.e. exactly the shelves `recforge eval tags` scores a tagger against
+    (reused, not copied, so training targets and the metric can never drift apart)."""
+    if reader_shelf_rule:
+        from recforge.generate.tag_eval import book_shelf_tags
+
+        return book_shelf_tags(tags, top=len(tags))
+    return [t["tag_name"] for t in sorted(tags, key=lambda t: -t["count"])]
 
 
 def distill_examples(cfg: SFTConfig) -> list[dict]:
@@ -140,6 +158,48 @@ def split_examples(cfg: SFTConfig, examples: list[dict]) -> tuple[list[dict], li
     return train, evals
 
 
+def fit_to_length(tokenizer, examples: list[dict], max_length: int) -> int:
+    """Shorten the item text at the end of over-long prompts so every answer fits in `max_length`.
+
+    trl truncates a tokenised example from the right, which for a long product title cuts off the answer,
+    the only tokens the loss counts: such an example would train on nothing. The end of the user message
+    (the item text) is trimmed instead, identically for training and evaluation prompts. Returns how many
+    examples were trimmed (reported in metrics.json); an answer that cannot fit even so is an error.
+    """
+    trimmed = 0
+    for ex in examples:
+        over = _chat_length(tokenizer, ex) - max_length
+        if over <= 0:
+            continue
+        content = ex["prompt"][-1]["content"]
+        ids = tokenizer(content, add_special_tokens=False)["input_ids"]
+        keep = len(ids) - over - 1  # one token of room for the ellipsis
+        if keep < len(ids) // 2:
+            raise RecforgeError(f"example {ex['id']}: the answer does not fit in max_length={max_length} "
+                                f"even with half its prompt cut; raise max_length")
+        ex["prompt"] = ex["prompt"][:-1] + [{**ex["prompt"][-1], "content": tokenizer.decode(ids[:keep]).rstrip() + "…"}]
+        while _chat_length(tokenizer, ex) > max_length:  # re-tokenising at the cut may merge differently
+            text = ex["prompt"][-1]["content"][:-2].rstrip()
+            if not text:
+                raise RecforgeError(f"example {ex['id']}: the answer does not fit in max_length={max_length}")
+            ex["prompt"] = ex["prompt"][:-1] + [{**ex["prompt"][-1], "content": text + "…"}]
+        trimmed += 1
+    return trimmed
+
+
+def check_answer_budget(tokenizer, labels: list[str], max_new_tokens: int) -> None:
+    """Fail before training when `max_new_tokens` cannot hold the longest label and the end-of-turn token
+    (a cut label, e.g. "irrelev", parses as no answer and scores 0)."""
+    need = max(len(tokenizer(label, add_special_tokens=False)["input_ids"]) for label in labels) + 1
+    if max_new_tokens < need:
+        raise RecforgeError(f"max_new_tokens={max_new_tokens} cannot hold the longest label plus the end of turn "
+                            f"({need} tokens for this tokenizer); set max_new_tokens={need} or more")
+
+
+def _chat_length(tokenizer, ex: dict) -> int:
+    return len(tokenizer.apply_chat_template(ex["prompt"] + ex["completion"], tokenize=True, return_dict=True)["input_ids"])
+
+
 # ---------------------------------------------------------------------------- metrics
 
 
@@ -170,6 +230,13 @@ def tag_metrics(preds: list[str], targets: list[list[str]]) -> dict:
     n = max(len(preds), 1)
     p, r = p / n, r / n
     return {"tag_precision": p, "tag_recall": r, "tag_f1": 2 * p * r / (p + r) if p + r else 0.0}
+
+
+def majority_baseline(cfg: SFTConfig, train: list[dict], evals: list[dict]) -> dict:
+    """The score of always answering the most common training grade: what a relevance model must beat."""
+    majority = Counter(json.loads(e["target"]) for e in train).most_common(1)[0][0]
+    targets = [json.loads(e["target"]) for e in evals]
+    return {"label": majority, **relevance_metrics([majority] * len(evals), targets, list(cfg.relevance.labels.values()))}
 
 
 def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 16) -> list[str]:
@@ -235,6 +302,9 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
         run.add_input(src, name=cfg.task)
 
     model, tokenizer = load_model_and_tokenizer(cfg)  # same loading rules as cpt (dtype, 4-bit check, safetensors)
+    prompts_trimmed = fit_to_length(tokenizer, train + evals, cfg.max_length)
+    if cfg.task == "relevance":
+        check_answer_budget(tokenizer, list(cfg.relevance.labels.values()), cfg.max_new_tokens)
     peft_config = None
     if cfg.mode in ("lora", "qlora"):
         peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
@@ -263,10 +333,13 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
     )
     result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = {"train_loss": result.training_loss, "steps": trainer.state.global_step,
-               "n_train": len(train), "n_eval": len(evals)}
+               "train_seconds": round(result.metrics.get("train_runtime", 0.0), 1),
+               "n_train": len(train), "n_eval": len(evals), "prompts_trimmed": prompts_trimmed}
     if evals:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
     metrics.update(task_metrics(cfg, trainer.model, tokenizer, evals))
+    if cfg.task == "relevance" and evals:
+        metrics["baseline_majority_label"] = majority_baseline(cfg, train, evals)
 
     model_dir = out_dir / "model"
     trainer.save_model(str(model_dir))
@@ -278,6 +351,16 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
         from .publish import merge_with_parity
 
         metrics["merge_max_logit_diff"] = merge_with_parity(cfg.model_dump(), model_dir, tokenizer, out_dir, 1e-3, [])
+    elif cfg.merge:
+        # full fine-tuning: nothing to merge, but `merged/` is the path consumers (generate, vLLM) load;
+        # written beside and renamed into place, so a killed run never leaves a half-written merged/
+        import shutil
+
+        merged, tmp = out_dir / "merged", out_dir / ".merged.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(model_dir, tmp)
+        shutil.rmtree(merged, ignore_errors=True)
+        tmp.rename(merged)
     atomic_write_json(out_dir / "metrics.json", metrics)
     run.add_output("model", model_dir, mode=cfg.mode)
     run.extra.update({"eval": metrics, "train": {"steps": trainer.state.global_step, "resumed_from": checkpoint}})

@@ -30,6 +30,17 @@ class RelevanceData(RecipeModel):
 class TagsData(RecipeModel):
     books: str = "sample://goodbooks_10k_book_tags/books_tags.jsonl.gz"
     n_tags: int = 5
+    # targets = the book's shelves after generate's reader-shelf rule (normalised; what `recforge eval tags`
+    # scores), then minus skip_tags; false: raw shelf names minus skip_tags only
+    reader_shelf_rule: bool = True
+    # order of a book's n_tags targets. count: its most used shelf first. frequency: the same tags in one global
+    # order (most common across training books first): a small model then never goes back in the order, so
+    # greedy decoding does not repeat a tag (with `count` the tiny model says "fiction, fiction, ...").
+    order: Literal["count", "frequency"] = "frequency"
+    # pick the n_tags targets among the book's `from_top` most used shelves (in `order`; with frequency: its most
+    # typical ones, which a small model can learn to predict; 10 = the shelves eval tags counts as true); None: its
+    # n_tags most used shelves
+    from_top: int | None = Field(10, ge=1)
     # shelves that say nothing about the book (reading status, ownership)
     skip_tags: list[str] = Field(default_factory=lambda: [
         "to-read", "currently-reading", "favorites", "favourites", "owned", "books-i-own", "owned-books",

@@ -87,16 +87,24 @@ def _eval_tags(args: argparse.Namespace) -> int:
 
     src = Path(args.pred)
     ids = None
+    run_info: dict = {}
     if src.is_dir():
         from recforge.generate.runner import read_generations
 
         rows = read_generations(src).to_pylist()
         feats = aggregate(rows, load_taxonomy_map(args.taxonomy_map))
-        ids = {r["id"] for r in rows}
+        failed_ids: set[str] = set()
         for failed in [src / "failed.jsonl", *src.glob("shard-*/failed.jsonl")]:
             if failed.is_file():
-                ids |= {json.loads(line)["id"] for line in failed.read_text().splitlines() if line.strip()}
+                failed_ids |= {json.loads(line)["id"] for line in failed.read_text().splitlines() if line.strip()}
+        ids = {r["id"] for r in rows} | failed_ids
         pred = {eid: f["tags"] for (etype, eid), f in feats.items() if etype == "item"}
+        run_info = {"output_rows": len(rows), "failed_rows": len(failed_ids)}
+        manifest = src / "manifest.json"
+        if manifest.is_file():  # which model made these tags (the SFT tagger or the base-model fallback)
+            m = json.loads(manifest.read_text())
+            run_info["model_used"] = m.get("model_used")
+            run_info["input_rows"] = m.get("input_rows")
     else:
         import pyarrow.parquet as pq
 
@@ -104,13 +112,22 @@ def _eval_tags(args: argparse.Namespace) -> int:
             raise RecforgeError(f"--pred: {src} is neither a generate run folder nor a features parquet file")
         pred = {r["entity_id"]: list(r["tags"] or []) for r in pq.read_table(src).to_pylist() if r["entity_type"] == "item"}
     result = evaluate_tags(pred, args.truth, k=args.k, truth_top=args.truth_top, split=args.split, ids=ids)
+    result.update(run_info)
     result["pred"] = str(src)
-    k = args.k
-    print(
-        f"tags vs shelf tags ({result['books']} {args.split} books, truth = top {args.truth_top} book shelves): "
-        f"precision@{k} {result[f'precision@{k}']:.4f}  recall@{k} {result[f'recall@{k}']:.4f}  "
-        f"(popular-tags baseline: P@{k} {result['popular_baseline'][f'precision@{k}']:.4f} R@{k} {result['popular_baseline'][f'recall@{k}']:.4f})"
-    )
+    k, base = args.k, result["popular_baseline"]
+    lines = [
+        f"tags vs shelf tags ({result['books']} {args.split} books with shelf tags, truth = top {args.truth_top} book shelves):",
+        f"  model             precision@{k} {result[f'precision@{k}']:.4f}  recall@{k} {result[f'recall@{k}']:.4f}",
+        f"  popular baseline  precision@{k} {base[f'precision@{k}']:.4f}  recall@{k} {base[f'recall@{k}']:.4f}"
+        f"  (the {k} most common training shelves for every book)",
+    ]
+    if run_info:
+        used = run_info.get("model_used") or {}
+        lines.append(f"  rows: {run_info['output_rows']} generated, {run_info['failed_rows']} failed"
+                     + (f" (of {run_info['input_rows']} inputs)" if run_info.get("input_rows") is not None else "")
+                     + (f" | model: {used.get('name_or_path')}" if used else "")
+                     + (" (fallback: the fine-tuned tagger was not found)" if used.get("note") else ""))
+    print("\n".join(lines))
     if args.out:
         atomic_write_json(args.out, result)
     return 0

@@ -31,6 +31,22 @@ def test_esci_split_never_shares_a_query_and_is_deterministic():
     assert len(more.task.queries) > len(data.task.queries)
 
 
+def test_pseudo_queries_come_from_catalogue_titles_only():
+    plain = build_esci(EsciSource())
+    data = build_esci(EsciSource(pseudo_queries_per_product=2, pseudo_query_words=(1, 3)))
+    pseudo = [p for p in data.train_pairs if p["pair_id"].startswith("ict:")]
+    assert data.train_pairs[: len(plain.train_pairs)] == plain.train_pairs  # real pairs untouched
+    assert (data.task.queries, data.task.qrels) == (plain.task.queries, plain.task.qrels)  # the held-out split too
+    assert len(pseudo) == 2 * sum(len(t.split()) >= 2 for t in data.task.corpus.values())
+    for p in pseudo:
+        head = [w.lower() for w in data.task.corpus[p["positive_id"]].split()[:12]]
+        words = p["anchor"].split()
+        assert 1 <= len(words) <= 3 and " ".join(words) in " ".join(head)
+        assert p["anchor_positive_ids"] == [p["positive_id"]] and p["negative_id"] is None
+    assert data.notes["pseudo_query_pairs"] == len(pseudo) and data.notes["train_query_pairs"] == len(plain.train_pairs)
+    assert build_esci(EsciSource(pseudo_queries_per_product=2, pseudo_query_words=(1, 3))).train_pairs == data.train_pairs
+
+
 def test_pairs_parquet_from_data_recipes_is_read(tmp_path):
     data = build_esci(EsciSource())
     held = [dict(p, split="eval", pair_id=p["pair_id"] + ":e", anchor_id="query:held" + str(i))
@@ -42,6 +58,42 @@ def test_pairs_parquet_from_data_recipes_is_read(tmp_path):
     assert loaded.notes["eval_anchors_also_in_train"] == 0
     q = next(iter(loaded.task.qrels))
     assert set(loaded.task.qrels[q]) <= set(loaded.task.corpus)
+
+
+def test_multi_kind_pairs_are_also_scored_per_kind_and_can_be_filtered(tmp_path, minilm_dir):
+    """user -> tag queries are ranked among all texts (shared space) and among the tags only (`user_tag:*`)."""
+    from sentence_transformers import SentenceTransformer
+
+    from recforge.align.evaluate import evaluate_model
+
+    tags = ["science-fiction", "romance", "history", "poetry", "fantasy", "mystery"]
+    books = {f"b{i}": t for i, t in enumerate(["Dune", "Pride and Prejudice", "SPQR", "Leaves of Grass",
+                                                 "The Hobbit", "Gone Girl"])}
+    rows = []
+    for n, (bid, title) in enumerate(books.items()):
+        for split in ("train", "eval"):
+            rows.append({"pair_id": f"ut{n}{split}", "kind": "user_tag", "anchor_id": f"u{n}{split}",
+                         "anchor": f"History: {title}", "positive_id": tags[n], "positive": tags[n], "split": split,
+                         "anchor_positive_ids": [tags[n]], "weight": 1.0})
+            rows.append({"pair_id": f"ui{n}{split}", "kind": "user_item", "anchor_id": f"u{n}{split}",
+                         "anchor": f"Likes {tags[n]}", "positive_id": bid, "positive": title, "split": split,
+                         "anchor_positive_ids": [bid, "b0"], "weight": 1.0})  # b0: already in the history
+    write_parquet_atomic(pairs_table(rows), tmp_path / "pairs.parquet")
+    data = load_align_data(DataConfig(source="pairs", pairs_path=str(tmp_path / "pairs.parquet")))
+    assert data.task.kind_corpus["user_tag"] == set(tags) and data.task.kind_corpus["user_item"] == set(books)
+    assert set(data.task.query_kind.values()) == {"user_tag", "user_item"}
+    assert data.task.qrels["user_item:u3eval"] == {"b3": 1.0}  # the held-out item only, not the history
+    metrics = evaluate_model(SentenceTransformer(str(minilm_dir), device="cpu"), data.task, [1, 10])
+    assert metrics["queries"] == 12
+    # Each kind ranks only its own 6 candidates (of 12 texts), so its top 10 always holds the relevant one.
+    assert metrics["user_tag:recall@10"] == 1.0 and metrics["user_item:recall@10"] == 1.0  # 6 candidates each
+    assert 0.0 < metrics["user_tag:ndcg@10"] <= 1.0
+
+    only = load_align_data(DataConfig(source="pairs", pairs_path=str(tmp_path / "pairs.parquet"), kinds=["user_tag"]))
+    assert {p["kind"] for p in only.train_pairs} == {"user_tag"} and len(only.task.queries) == 6
+    assert only.task.query_kind == {}  # one kind: nothing extra to report
+    with pytest.raises(RecforgeError, match=r"pairs.parquet: data.kinds=\['item_item'\]"):
+        load_align_data(DataConfig(source="pairs", pairs_path=str(tmp_path / "pairs.parquet"), kinds=["item_item"]))
 
 
 def test_pairs_errors_name_the_file(tmp_path):

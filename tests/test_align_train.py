@@ -90,8 +90,9 @@ def test_tiny_lm_aligned_beats_itself_unaligned(tiny_model_dir, tmp_path):
 
     out = run_align(tiny_recipe(tiny_model_dir, tmp_path / "run"))
     base, tuned = out["metrics"]["base"], out["metrics"]["tuned"]
-    assert tuned["recall@50"] > base["recall@50"] + 0.08, (base, tuned)
-    assert tuned["ndcg@10"] > base["ndcg@10"], (base, tuned)
+    # A wide margin: over seeds 0-2 the shipped recipe goes from ~0.01 to ~0.15 NDCG@10 (bench/results/align_quality_tiny.json).
+    assert tuned["ndcg@10"] > max(4 * base["ndcg@10"], base["ndcg@10"] + 0.08), (base, tuned)
+    assert tuned["recall@50"] > base["recall@50"] + 0.1, (base, tuned)
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ from recforge.finetune.sft import (
     tags_examples,
 )
 from recforge.finetune.sft_config import SFTConfig
+from recforge.generate.tag_eval import is_reader_shelf
 
 RECIPES = Path(__file__).resolve().parents[1] / "finetune" / "recipes"
 
@@ -43,6 +44,16 @@ def test_examples_split_by_group_and_skip_status_shelves():
     examples = tags_examples(cfg)
     assert len(examples) > 1500
     assert not any(t in cfg.tags.skip_tags for e in examples for t in json.loads(e["target"]))
+    # targets are the shelves `recforge eval tags` scores against: no reader shelf (to-read, my-favorites, ...)
+    assert not any(is_reader_shelf(t) for e in examples for t in json.loads(e["target"]))
+    # in one global order (no pair of tags appears in both orders), so greedy decoding never repeats a tag
+    targets = [json.loads(e["target"]) for e in examples]
+    seen = {(a, b) for tags in targets for i, a in enumerate(tags) for b in tags[i + 1:]}
+    assert not any((b, a) in seen for a, b in seen)
+    assert sum(json.loads(e["target"])[0] == "fiction" for e in examples) > len(examples) / 3
+    by_count = tags_examples(cfg.model_copy(update={"tags": cfg.tags.model_copy(update={"order": "count"})}))
+    mockingbird = next(e for e in by_count if e["id"] == "book:4")
+    assert json.loads(mockingbird["target"])[0] == "classics"  # its most used book shelf
     train, evals = split_examples(cfg.model_copy(update={"max_eval_examples": None}), examples)
     assert not {e["id"] for e in train} & {e["id"] for e in evals}
     assert 0.1 < len(evals) / len(examples) < 0.3
@@ -58,7 +69,7 @@ def test_tags_sft_end_to_end_with_merge(tiny_model_dir, tmp_path):
 
     out = tmp_path / "tags"
     assert main(["sft", str(RECIPES / "sft_goodbooks_tags_tiny.yaml"), f"model.path={tiny_model_dir}",
-                 f"out_dir={out}", "training.max_steps=4", "max_eval_examples=6", "max_new_tokens=8",
+                 f"out_dir={out}", "mode=lora", "training.max_steps=4", "max_eval_examples=6", "max_new_tokens=8",
                  "max_train_examples=64"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 4 and metrics["n_eval"] == 6
@@ -72,6 +83,25 @@ def test_tags_sft_end_to_end_with_merge(tiny_model_dir, tmp_path):
     assert merged.config.vocab_size == len(tok)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["command"] == "sft" and manifest["inputs"][0]["sha256"]
+
+
+def test_full_tags_sft_writes_a_loadable_merged_model(tiny_model_dir, tmp_path):
+    """The shipped tags recipe trains the full tiny model; `merged/` is still what generate loads."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "tags_full"
+    assert main(["sft", str(RECIPES / "sft_goodbooks_tags_tiny.yaml"), f"model.path={tiny_model_dir}", f"out_dir={out}",
+                 "training.max_steps=2", "max_train_examples=16", "max_eval_examples=2", "max_new_tokens=4"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and metrics["train_seconds"] > 0
+    assert not (out / "model" / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    trained = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert all(torch.equal(a, b) for a, b in zip(merged.state_dict().values(), trained.state_dict().values()))
+    assert not all(torch.equal(a, b) for a, b in zip(merged.state_dict().values(), base.state_dict().values()))
+    assert (out / "merged" / "tokenizer_config.json").is_file() and not (out / "merged" / "training_args.bin").exists()
 
 
 def test_distill_sft_reads_a_features_table(tiny_model_dir, tmp_path):

@@ -176,7 +176,7 @@ def test_prompts_cli(capsys, tiny_model_dir):
     assert "record 'b2' is missing required field 'title'" in capsys.readouterr().err
 
 
-def test_eval_tags_cli_on_a_run(finished_run, tmp_path, capsys):
+def test_eval_tags_cli_on_a_run(finished_run, tiny_model_dir, tmp_path, capsys):
     tmp, _ = finished_run
     # The synthetic ids 1..10 are goodbooks ids too: score them against their real shelves (split=all).
     assert main(["eval", "tags", "--pred", str(tmp / "out"), "--split", "all", "--out", str(tmp_path / "m.json")]) == 0
@@ -184,3 +184,10 @@ def test_eval_tags_cli_on_a_run(finished_run, tmp_path, capsys):
     m = json.loads((tmp_path / "m.json").read_text())
     assert "precision@5" in printed and 0.0 <= m["precision@5"] <= 1.0
     assert m["popular_baseline"]["precision@5"] > 0
+    # model and baseline side by side, with the row counts and the model that made the tags
+    assert f"model             precision@5 {m['precision@5']:.4f}  recall@5 {m['recall@5']:.4f}" in printed
+    assert f"popular baseline  precision@5 {m['popular_baseline']['precision@5']:.4f}" in printed
+    assert m["input_rows"] == 12 and m["failed_rows"] >= 2  # ids 900 and 901 cannot be generated
+    assert m["output_rows"] + m["failed_rows"] == 12
+    assert f"{m['output_rows']} generated, {m['failed_rows']} failed (of 12 inputs)" in printed
+    assert m["model_used"]["name_or_path"] == str(tiny_model_dir) and m["model_used"]["note"] is None
