@@ -57,11 +57,13 @@ def main() -> int:
     tag_eval = clone / "runs" / "generate" / "goodbooks_tags" / "tag_eval.json"
     if tag_eval.is_file():  # what the demo tagger scored in this very run
         result["generate_tags_eval"] = json.loads(tag_eval.read_text())
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+        for step in steps.values():  # the logs went with the clone
+            step.pop("log")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v["seconds"] for k, v in steps.items()}, indent=2))
-    if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
     return 0 if all(s["returncode"] == 0 for s in steps.values()) else 1
 
 
