@@ -2,6 +2,8 @@
 base vs tuned NDCG@10 / Recall@10 / MRR@10 on held-out queries, mean and spread over seeds.
 
     .venv/bin/python bench/align_quality.py [--seeds 0 1 2] [--which minilm tiny_lm]
+    .venv/bin/python bench/align_quality.py --which larr_goodbooks --out bench/results/align_quality_larr.json \
+        data.pairs_path=runs/data/goodbooks/pairs        # after `make data`
 
 Writes bench/results/align_quality.json (per-seed metrics, mean, std, min of the NDCG@10 lift).
 """
@@ -14,14 +16,16 @@ import statistics
 import tempfile
 from pathlib import Path
 
-RECIPES = {"minilm": "align/recipes/esci_minilm.yaml", "tiny_lm": "align/recipes/esci_tiny_lm.yaml"}
+RECIPES = {"minilm": "align/recipes/esci_minilm.yaml", "tiny_lm": "align/recipes/esci_tiny_lm.yaml",
+           # LARR multi-type + 360 user <-> tag on data_recipes' goodbooks pairs: pass data.pairs_path=<run>/pairs
+           "larr_goodbooks": "align/recipes/goodbooks_larr.yaml"}
 METRICS = ("ndcg@10", "recall@10", "mrr@10")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--which", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    ap.add_argument("--which", nargs="+", default=["minilm", "tiny_lm"], choices=list(RECIPES))
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "align_quality.json"))
     ap.add_argument("overrides", nargs="*", help="recipe overrides applied to every run")
     args = ap.parse_args()
@@ -42,13 +46,15 @@ def main() -> None:
                                   [f"seed={seed}", f"out_dir={tmp}/{name}-{seed}",
                                    *args.overrides])
                 out = run_align(cfg)
-                runs.append({"seed": seed, **{f"tuned_{m}": out["metrics"]["tuned"][m] for m in METRICS},
-                             **{f"base_{m}": out["metrics"]["base"][m] for m in METRICS},
+                # plus the per-kind NDCG@10 of multi-type pair files (user_tag:ndcg@10, item_tag:ndcg@10, ...)
+                metrics = METRICS + tuple(sorted(k for k in out["metrics"]["tuned"] if k.endswith(":ndcg@10")))
+                runs.append({"seed": seed, **{f"tuned_{m}": out["metrics"]["tuned"][m] for m in metrics},
+                             **{f"base_{m}": out["metrics"]["base"][m] for m in metrics},
                              "queries": out["metrics"]["tuned"]["queries"]})
                 print(name, seed, runs[-1], flush=True)
         summary = {"recipe": RECIPES[name], "overrides": args.overrides, "seeds": args.seeds, "runs": runs,
                    "queries": runs[0]["queries"]}
-        for m in METRICS:
+        for m in metrics:
             for side in ("base", "tuned"):
                 vals = [r[f"{side}_{m}"] for r in runs]
                 summary[f"{side}_{m}_mean"] = statistics.mean(vals)
