@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from recforge.config import RecforgeError
-from recforge.io import open_text, resolve_path
+from recforge.io import open_text, parquet_files, resolve_path
 
 from .align_config import DataConfig, EsciSource, MovieLensSource
 
@@ -148,17 +148,6 @@ def pseudo_query_pairs(products: dict[str, str], per_product: int, words: tuple[
     return pairs
 
 
-def _pairs_files(path: Path) -> list[Path]:
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*.parquet") if not p.name.startswith("."))
-        if not files:
-            raise RecforgeError(f"{path}: no .parquet files in this folder")
-        return files
-    if not path.is_file():
-        raise RecforgeError(f"pairs file not found: {path}")
-    return [path]
-
-
 def read_pairs(path: str) -> list[dict]:
     """Rows of a pairs Parquet file or folder, checked against `pairs_schema()` column names."""
     import pyarrow.parquet as pq
@@ -167,7 +156,7 @@ def read_pairs(path: str) -> list[dict]:
 
     required = {"anchor_id", "anchor", "positive_id", "positive"}
     rows: list[dict] = []
-    for f in _pairs_files(resolve_path(path)):
+    for f in parquet_files(path, "pairs", recursive=True):
         table = pq.read_table(f)
         missing = required - set(table.column_names)
         if missing:

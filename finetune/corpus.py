@@ -3,25 +3,11 @@
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 from recforge.config import RecforgeError
-from recforge.io import resolve_path
+from recforge.io import parquet_files
 
 REQUIRED_COLUMNS = ("row_id", "source", "documents")
-
-
-def corpus_files(path: str) -> list[Path]:
-    """A Parquet file, or every `*.parquet` in a folder (shards), sorted."""
-    p = resolve_path(path)
-    if p.is_dir():
-        files = sorted(p.glob("*.parquet"))
-        if not files:
-            raise RecforgeError(f"corpus folder {path} holds no .parquet files")
-        return files
-    if not p.is_file():
-        raise RecforgeError(f"corpus not found: {path}")
-    return [p]
 
 
 def read_corpus(path: str, split: str | None = None, max_rows: int | None = None) -> list[dict]:
@@ -32,7 +18,7 @@ def read_corpus(path: str, split: str | None = None, max_rows: int | None = None
     import pyarrow.parquet as pq
 
     rows: list[dict] = []
-    for f in corpus_files(path):
+    for f in parquet_files(path, "corpus"):
         try:
             table = pq.read_table(f)
         except Exception as err:  # pyarrow raises several types for a broken file

@@ -29,6 +29,25 @@ def resolve_path(path: str | os.PathLike) -> Path:
     return Path(os.path.expandvars(text)).expanduser()
 
 
+def parquet_files(path: str | os.PathLike, what: str, recursive: bool = False) -> list[Path]:
+    """A Parquet file, or the `*.parquet` files of a folder (shards; sorted, hidden files skipped).
+
+    `what` names the input in errors ("corpus", "pairs"); `recursive` also takes sub-folders' shards.
+    """
+    from recforge.config import RecforgeError
+
+    p = resolve_path(path)
+    if p.is_dir():
+        found = p.rglob("*.parquet") if recursive else p.glob("*.parquet")
+        files = sorted(f for f in found if not f.name.startswith("."))
+        if not files:
+            raise RecforgeError(f"{what} folder {path} holds no .parquet files")
+        return files
+    if not p.is_file():
+        raise RecforgeError(f"{what} file not found: {path}")
+    return [p]
+
+
 def open_text(path: str | os.PathLike, errors: str = "strict") -> IO[str]:
     """Open a text file for reading, transparently un-gzipping `.gz`."""
     path = resolve_path(path)

@@ -50,7 +50,7 @@ def test_trainer_learns_the_signal_a_dense_feature_carries(backbone, adaptor):
     with_dense = train_ctr(splits, n_items, [dense], cfg, train, adaptor, seed=0)
     ids_only = train_ctr(splits, n_items, [], cfg, train, None, seed=0)
     assert with_dense["test_auc"] > 0.9
-    # unseen items' ID embeddings are untrained: chance level give or take the ~50 test items' luck (0.45-0.67
+    # unseen items' ID embeddings are untrained: chance level give or take the ~50 test items' luck (0.40-0.67
     # over data seeds 0-3), far below the dense model. Log loss is not compared: training early-stops on
     # validation AUC, and a confident model's log loss on unseen items varies with a few mistakes.
     assert with_dense["test_auc"] > ids_only["test_auc"] + 0.25
