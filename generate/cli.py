@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from recforge.config import RecforgeError
 
@@ -11,10 +12,11 @@ from recforge.config import RecforgeError
 def _generate(args: argparse.Namespace) -> int:
     from recforge.config import load_recipe
     from recforge.generate.generate_config import GenerateConfig
-    from recforge.generate.runner import run_generate
+    from recforge.generate.runner import run_generate, run_problem
 
     cfg = load_recipe(GenerateConfig, args.recipe, args.overrides)
-    manifest = run_generate(cfg, shard=args.shard, force=args.force, progress=not args.no_progress, overwrite=args.overwrite)
+    manifest = run_generate(cfg, shard=args.shard, force=args.force, progress=not args.no_progress, overwrite=args.overwrite,
+                            retry_failed=args.retry_failed)
     p = manifest["progress"]
     out = {o["name"]: o["rows"] for o in manifest["outputs"]}
     print(
@@ -24,6 +26,10 @@ def _generate(args: argparse.Namespace) -> int:
         + (f" + adapter {manifest['model_used']['adapter']}" if manifest["model_used"]["adapter"] else "")
         + f" | this run: {p['rows_per_s']} rows/s, {p['tokens_per_s']} tokens/s, failure rate {p['failure_rate']:.1%}"
     )
+    problem = run_problem(manifest)  # stopped early, or too many failures: a pipeline must not go on silently
+    if problem:
+        print(f"recforge generate: {problem}", file=sys.stderr)
+        return 1
     return 0 if manifest["complete"] else 1
 
 
@@ -141,6 +147,9 @@ def add_commands(sub, eval_sub) -> None:
     gen.add_argument("--shard", metavar="i/N", help="run data-parallel shard i of N (its own folder and seed offset)")
     gen.add_argument("--force", action="store_true", help="resume into an output made with another fingerprint")
     gen.add_argument("--overwrite", action="store_true", help="discard this output folder's previous rows and start over")
+    gen.add_argument("--retry-failed", action="store_true",
+                     help="also retry the failed rows of finished chunks whose failure is deterministic (parse errors, "
+                          "truncation, prompt_too_long, render_error); engine-error rows are retried on every resume")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar (figures still go to progress.json)")
     gen.set_defaults(handler=_generate)
 

@@ -61,6 +61,7 @@ class Completion:
     text: str
     finish_reason: str  # "stop" (EOS, stop string or constraint complete) | "length" (max_tokens)
     num_tokens: int
+    token_ids: list[int] = field(default_factory=list)  # the generated ids (EOS included when it ended the row)
 
 
 @dataclass

@@ -91,4 +91,17 @@ class GenerateConfig(RecipeModel):
     max_retries: int = Field(default=2, ge=0)
     retry_temperature: float = Field(default=0.7, gt=0, description="retries of a greedy run sample at this temperature")
     chunk_size: int = Field(default=64, ge=1, description="rows per output shard (the unit of resume)")
+    submit_rows: int = Field(
+        default=512, ge=1,
+        description="rows of several chunks rendered and sent to the engine in one call (vLLM schedules them "
+                    "together); each chunk's shard is still written separately, in order",
+    )
+    max_failure_rate: float = Field(
+        default=0.2, ge=0, le=1, description="exit status 1 when failed.jsonl holds more than this share of the inputs"
+    )
+    max_consecutive_engine_errors: int = Field(
+        default=32, ge=0,
+        description="stop after this many rows in a row ended with an engine error (0 = never); the chunk where it "
+                    "happens and all later ones stay un-done, so a rerun resumes there",
+    )
     out_dir: str = "runs/generate/default"

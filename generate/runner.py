@@ -1,22 +1,32 @@
 """`recforge generate`: records -> prompts -> engine -> parse -> validate -> retry -> Parquet shards.
 
 Layout of `out_dir` (or `out_dir/shard-IIIII-of-NNNNN` with `--shard i/N`):
-    fingerprint.json          what produced the rows (model, template hash, sampling, engine, adapter, ...)
-    shards/part-KKKKK.parquet one file per chunk of `chunk_size` input rows, written atomically
-    failed.jsonl              rows that failed every attempt, with the reason (one line per id)
+    fingerprint.json          what produced the rows (model content digest, template hash, sampling, engine, ...)
+    shards/part-KKKKK.parquet the rows of chunk k (`chunk_size` input rows) that succeeded when the chunk ran
+    shards/retry-KKKKK-NNN.parquet  rows of chunk k that failed before and succeeded in its NNN-th retry
+    failed.jsonl              rows that failed every attempt so far: id, chunk, reason, detail, attempts
     rejects.jsonl             malformed input rows (never silently dropped)
-    progress.json             rows/s, tokens/s, failure rate, ETA (updated after each chunk)
+    progress.json             rows/s, tokens/s, failure rate, ETA (updated after each shard)
     resolved_config.yaml, manifest.json
 
-Resume: chunk k always holds the same input rows (input order, after split/shard/limit). A chunk is done
-when its shard file exists; its failures are appended to failed.jsonl just before the shard is renamed
-into place, and failure lines of chunks without a shard are dropped on restart. So a run killed at any
-point and restarted ends with every input id exactly once: in a shard or in failed.jsonl.
+Invariant: every input id is exactly once in a shard or in failed.jsonl, whenever the run is killed.
+- Chunk k always holds the same input rows (input order, after split/shard/limit). It is done when its part
+  shard exists; its failure lines are appended just before the shard is renamed into place (all writes
+  atomic), and on restart `reconcile` drops failure lines of chunks without a part shard.
+- Several chunks go to the engine in one call (`submit_rows`, so vLLM can schedule them together); their
+  shards are still written one by one, in chunk order, so a kill leaves a prefix of them done.
+- A resume retries the failed rows of done chunks whose reason is `engine_error` (transient); with
+  `--retry-failed`, every failed row (parse failures, truncation, prompt_too_long, render_error too).
+  Rows that now succeed are written to a new retry shard first, then failed.jsonl is rewritten without
+  them; a kill in between leaves an id in both, and `reconcile` drops its failure line.
+- `max_consecutive_engine_errors` rows in a row ending with an engine error stop the run: the chunk where
+  the streak is reached and all later ones are left un-done, so a rerun resumes there.
+- Exit status (generate's CLI): 1 when stopped early, or when failed.jsonl holds more than
+  `max_failure_rate` of the inputs.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
@@ -31,7 +41,9 @@ from recforge.generate.parsing import ParseError, parse_output
 from recforge.generate.splits import book_split, id_hash, shard_of
 from recforge.io import atomic_write_json, open_text, resolve_path, write_parquet_atomic
 
-NO_RETRY = ("prompt_too_long", "render_error")
+NO_RETRY = ("prompt_too_long", "render_error")  # deterministic: another attempt gives the same
+# No completion was ever produced for these reasons, so a later retry starts again at attempt 0.
+NO_COMPLETION = ("engine_error", *NO_RETRY)
 
 
 def output_schema():
@@ -168,22 +180,16 @@ def resolve_model(cfg: GenerateConfig) -> dict[str, Any]:
 
 
 def model_identity(model: dict[str, Any]) -> dict[str, Any]:
-    """Revision or content digest of the model and adapter (part of the fingerprint)."""
+    """Revision and content digest of the model and adapter (part of the fingerprint).
+
+    The digest covers every weight byte (`recforge.fingerprint.folder_digest`, cached by path, mtime and
+    size): a retrained model of the same architecture has the same file sizes but another digest.
+    """
+    from recforge.fingerprint import folder_digest
 
     def digest(path: str | None) -> str | None:
-        if not path:
-            return None
-        p = resolve_path(path)
-        if not p.is_dir():
-            return None  # a hub id: the revision identifies it
-        h = hashlib.sha256()
-        for f in sorted(p.iterdir()):
-            if f.is_file() and f.suffix in (".json", ".safetensors", ".model", ".jinja", ".txt"):
-                h.update(f.name.encode())
-                h.update(str(f.stat().st_size).encode())
-                if f.stat().st_size < 64 << 20:  # small files fully; big weight files by name + size
-                    h.update(f.read_bytes())
-        return h.hexdigest()
+        p = resolve_path(path) if path else None
+        return folder_digest(p) if p is not None and p.is_dir() else None  # a hub id: the revision identifies it
 
     return {
         "model": model["name_or_path"],
@@ -273,13 +279,35 @@ def resolve_taxonomy(cfg: GenerateConfig) -> list[str] | None:
     return None
 
 
+def chunk_index(path: Path) -> int:
+    """The chunk of `part-KKKKK.parquet` or `retry-KKKKK-NNN.parquet`."""
+    return int(path.stem.split("-")[1])
+
+
+def submission_batches(todo: list[int], chunks: list[list], submit_rows: int) -> list[list[int]]:
+    """To-do chunks grouped into engine calls of at most `submit_rows` rows (a bigger chunk goes alone)."""
+    batches: list[list[int]] = []
+    rows = 0
+    for k in todo:
+        if batches and rows + len(chunks[k]) <= submit_rows:
+            batches[-1].append(k)
+            rows += len(chunks[k])
+        else:
+            batches.append([k])
+            rows = len(chunks[k])
+    return batches
+
+
 class GenerationRun:
-    def __init__(self, cfg: GenerateConfig, shard: ShardSpec, force: bool = False, progress: bool = True):
+    def __init__(self, cfg: GenerateConfig, shard: ShardSpec, force: bool = False, progress: bool = True,
+                 retry_failed: bool = False):
         from recforge.prompts import load_prompt
 
         self.cfg, self.shard, self.force, self.show_progress = cfg, shard, force, progress
+        self.retry_failed = retry_failed
         base = Path(cfg.out_dir)
         self.out = base if shard.count == 1 else base / f"shard-{shard.index:05d}-of-{shard.count:05d}"
+        self.shards = self.out / "shards"
         self.template = load_prompt(cfg.task)
         self.variables = dict(cfg.prompt_vars)
         taxonomy = resolve_taxonomy(cfg)
@@ -289,6 +317,11 @@ class GenerationRun:
         self.constraint = constraint_from_output(self.output_spec)
         self.sampling = effective_sampling(cfg, self.template.spec)
         self.model = resolve_model(cfg)
+        self.stats = {"rows_done": 0, "rows_failed": 0, "completion_tokens": 0, "prompt_tokens": 0}
+        self.done: set[int] = set()
+        self.n_chunks, self.rows_todo, self.start, self.bar = 0, 0, time.time(), None
+        self.streak = 0  # rows in a row (in processing order) that ended with an engine error
+        self.stopped: str | None = None  # the last engine error, once the streak has stopped the run
 
     # ---------------------------------------------------------------- fingerprint
     def fingerprint(self) -> dict[str, Any]:
@@ -333,35 +366,65 @@ class GenerationRun:
         """--overwrite: remove the rows, failures and fingerprint of a previous run in this folder (only those)."""
         import shutil
 
-        if (self.out / "shards").is_dir():
-            shutil.rmtree(self.out / "shards")
+        if self.shards.is_dir():
+            shutil.rmtree(self.shards)
         for name in ("failed.jsonl", "fingerprint.json", "progress.json", "rejects.jsonl"):
             (self.out / name).unlink(missing_ok=True)
 
     # ---------------------------------------------------------------- resume state
-    def done_chunks(self) -> set[int]:
-        shards = self.out / "shards"
-        for tmp in shards.glob(".part-*.tmp") if shards.is_dir() else []:
-            tmp.unlink()  # a half-written shard of a killed run (never renamed into place)
-        return {int(p.stem.split("-")[1]) for p in shards.glob("part-*.parquet")} if shards.is_dir() else set()
-
-    def clean_failed_log(self, done: set[int]) -> int:
-        """Keep failure lines of finished chunks only (a torn last line or a redone chunk's lines go)."""
+    def read_failed(self) -> list[dict]:
         path = self.out / "failed.jsonl"
-        if not path.is_file():
-            return 0
-        kept = []
-        for line in path.read_text(encoding="utf-8").splitlines():
+        rows = []
+        for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
             try:
-                row = json.loads(line)
+                rows.append(json.loads(line))
             except json.JSONDecodeError:
-                continue
-            if row.get("chunk") in done:
-                kept.append(line)
+                continue  # the torn last line of an append cut by a kill
+        return rows
+
+    def write_failed(self, failures: list[dict]) -> None:
         from recforge.io import atomic_write_text
 
-        atomic_write_text(path, "".join(k + "\n" for k in kept))
-        return len(kept)
+        text = "".join(json.dumps(f, ensure_ascii=False, default=str) + "\n" for f in failures)
+        atomic_write_text(self.out / "failed.jsonl", text)
+
+    def reconcile(self) -> tuple[set[int], list[dict]]:
+        """Bring the folder back to 'every finished id exactly once' after a kill at any point.
+
+        Returns (done chunks, failure lines kept). Temporaries of interrupted writes go; retry shards of a
+        chunk without its part shard go (that chunk is redone whole); failure lines go when their chunk is
+        not done, or when their id is in a retry shard (a kill between the retry shard and the rewrite of
+        failed.jsonl: the shard wins).
+        """
+        import pyarrow.parquet as pq
+
+        done: set[int] = set()
+        retried: set[str] = set()
+        if self.shards.is_dir():
+            for tmp in self.shards.glob(".*.tmp"):
+                tmp.unlink()
+            done = {chunk_index(p) for p in self.shards.glob("part-*.parquet")}
+            for p in self.shards.glob("retry-*.parquet"):
+                if chunk_index(p) in done:
+                    retried |= set(pq.read_table(p, columns=["id"]).column("id").to_pylist())
+                else:
+                    p.unlink()
+        failures = [f for f in self.read_failed() if f.get("chunk") in done and f.get("id") not in retried]
+        self.write_failed(failures)
+        return done, failures
+
+    def retry_picks(self, failures: list[dict], by_id: dict[str, dict]) -> list[tuple[dict, dict]]:
+        """(failure line, record) of the failed rows to run again, in chunk order.
+
+        Engine errors are transient (OOM, a lost worker), so every resume retries them; the other reasons are
+        deterministic for the same fingerprint and are retried only with --retry-failed.
+        """
+        picks = [f for f in failures if (self.retry_failed or f["reason"] == "engine_error") and f["id"] in by_id]
+        return [(f, by_id[f["id"]]) for f in sorted(picks, key=lambda f: f["chunk"])]
+
+    def next_retry_path(self, k: int) -> Path:
+        seen = [int(p.stem.split("-")[2]) for p in self.shards.glob(f"retry-{k:05d}-*.parquet")]
+        return self.shards / f"retry-{k:05d}-{max(seen, default=0) + 1:03d}.parquet"
 
     # ---------------------------------------------------------------- main loop
     def run(self) -> dict[str, Any]:
@@ -378,60 +441,130 @@ class GenerationRun:
         if self.shard.count > 1:
             records = [(i, r) for i, r in records if shard_of(i, self.shard.count) == self.shard.index]
         chunks = [records[k : k + cfg.chunk_size] for k in range(0, len(records), cfg.chunk_size)]
-        done = self.done_chunks()
-        self.clean_failed_log(done)
-        todo = [k for k in range(len(chunks)) if k not in done]
+        self.done, failures = self.reconcile()
+        todo = [k for k in range(len(chunks)) if k not in self.done]
+        picks = self.retry_picks(failures, dict(records))
         if self.model["note"]:
             print(f"recforge generate: {self.model['note']}", file=sys.stderr)
-        stats = {"rows_done": 0, "rows_failed": 0, "completion_tokens": 0, "prompt_tokens": 0}
-        rows_todo = sum(len(chunks[k]) for k in todo)
-        start = time.time()
-        engine = build_engine(cfg, self.model) if todo else None
-        bar = None
+        self.n_chunks, self.start = len(chunks), time.time()
+        self.rows_todo = len(picks) + sum(len(chunks[k]) for k in todo)
+        engine = build_engine(cfg, self.model) if self.rows_todo else None
         if self.show_progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=rows_todo, unit="row", desc=f"generate {self.template.name}", file=sys.stderr)
-        with JsonlAppender(self.out / "failed.jsonl") as failed_log:
-            for k in todo:
-                rows, failures = self.run_chunk(engine, chunks[k], k, stats)
-                for f in failures:
-                    failed_log.write(f)
-                failed_log.flush()
-                import pyarrow as pa
+            self.bar = tqdm(total=self.rows_todo, unit="row", desc=f"generate {self.template.name}", file=sys.stderr)
+        self.retry_rows(engine, picks, failures)
+        if not self.stopped:
+            # Opened after the retries: they replace failed.jsonl, and an open handle would append to the old file.
+            with JsonlAppender(self.out / "failed.jsonl") as failed_log:
+                self.run_chunks(engine, chunks, todo, failed_log)
+        if self.bar is not None:
+            self.bar.close()
+        return self.finish(recorder, fp, history, records, engine)
 
-                write_parquet_atomic(pa.Table.from_pylist(rows, schema=output_schema()), self.out / "shards" / f"part-{k:05d}.parquet")
-                figures = self.figures(stats, start, rows_todo)
-                atomic_write_json(self.out / "progress.json", {**figures, "chunks_done": len(done) + todo.index(k) + 1, "chunks": len(chunks)})
-                if bar is not None:
-                    bar.update(len(chunks[k]))
-                    bar.set_postfix(rows_s=f"{figures['rows_per_s']:.1f}", tok_s=f"{figures['tokens_per_s']:.0f}", fail=f"{figures['failure_rate']:.1%}")
-        if bar is not None:
-            bar.close()
-        return self.finish(recorder, fp, history, records, stats, start, rows_todo, engine)
+    def run_chunks(self, engine, chunks: list[list], todo: list[int], failed_log) -> None:
+        """Chunks not done yet, several per engine call (`submit_rows`); their shards are written one by one, in order."""
+        for batch in submission_batches(todo, chunks, self.cfg.submit_rows):
+            ok, failed = self.generate_rows(engine, [r for k in batch for r in chunks[k]], {})
+            for k in batch:
+                if self.streak_reached(chunks[k], failed):
+                    return  # this chunk and every later one stay un-done: a resume runs them
+                self.write_chunk(k, chunks[k], ok, failed, failed_log)
 
-    def figures(self, stats: dict, start: float, rows_todo: int) -> dict[str, Any]:
-        elapsed = max(time.time() - start, 1e-9)
-        rows = stats["rows_done"] + stats["rows_failed"]
+    def write_chunk(self, k: int, chunk: list, ok: dict, failed: dict, failed_log) -> None:
+        # Failure lines first, the shard last: a chunk counts as done only once both are on disk.
+        for rid, _ in chunk:
+            if rid in failed:
+                failed_log.write({"id": rid, "chunk": k, **failed[rid]})
+        failed_log.flush()
+        self.write_shard([ok[rid] for rid, _ in chunk if rid in ok], self.shards / f"part-{k:05d}.parquet")
+        self.done.add(k)
+        n_ok = sum(rid in ok for rid, _ in chunk)
+        self.count(n_ok, len(chunk) - n_ok)
+
+    def retry_rows(self, engine, picks: list[tuple[dict, dict]], failures: list[dict]) -> None:
+        """Run failed rows of finished chunks again, `submit_rows` per engine call.
+
+        Order of writes: the rows that now succeed go to a new retry shard of their chunk first, then
+        failed.jsonl is rewritten without them (both atomic); `reconcile` repairs a kill in between.
+        """
+        for b in range(0, len(picks), self.cfg.submit_rows):
+            batch = picks[b : b + self.cfg.submit_rows]
+            rows = [(f["id"], rec) for f, rec in batch]
+            # Rows that never got a completion start again at attempt 0, exactly as an uninterrupted run; rows whose
+            # completions failed validation continue their attempt count, so they draw new seeds.
+            first = {f["id"]: 0 if f["reason"] in NO_COMPLETION else int(f.get("attempts") or 0) for f, _ in batch}
+            ok, again = self.generate_rows(engine, rows, first)
+            chunk_of = {f["id"]: f["chunk"] for f, _ in batch}
+            for k in sorted({chunk_of[rid] for rid in ok}):
+                self.write_shard([ok[rid] for rid, _ in rows if rid in ok and chunk_of[rid] == k], self.next_retry_path(k))
+            failures[:] = [{**f, **again.get(f["id"], {})} for f in failures if f["id"] not in ok]
+            self.write_failed(failures)
+            self.count(len(ok), len(again))
+            if self.streak_reached(rows, again):
+                return
+
+    def write_shard(self, rows: list[dict], path: Path) -> None:
+        import pyarrow as pa
+
+        write_parquet_atomic(pa.Table.from_pylist(rows, schema=output_schema()), path)
+
+    def streak_reached(self, rows: list, failed: dict[str, dict]) -> bool:
+        """Count engine-error rows in a row; True once `max_consecutive_engine_errors` is reached.
+
+        A dead engine (a CUDA error, a lost server) would otherwise fail every remaining row, each after
+        max_retries attempts, and mark their chunks done.
+        """
+        limit = self.cfg.max_consecutive_engine_errors
+        for rid, _ in rows:
+            f = failed.get(rid)
+            self.streak = self.streak + 1 if f and f["reason"] == "engine_error" else 0
+            if limit and self.streak >= limit:
+                self.stopped = f["detail"]
+                return True
+        return False
+
+    def count(self, n_ok: int, n_failed: int) -> None:
+        """Add rows written to this run's figures; progress.json and the bar follow."""
+        self.stats["rows_done"] += n_ok
+        self.stats["rows_failed"] += n_failed
+        figures = self.figures()
+        atomic_write_json(self.out / "progress.json", {**figures, "chunks_done": len(self.done), "chunks": self.n_chunks})
+        if self.bar is not None:
+            self.bar.update(n_ok + n_failed)
+            self.bar.set_postfix(rows_s=f"{figures['rows_per_s']:.1f}", tok_s=f"{figures['tokens_per_s']:.0f}", fail=f"{figures['failure_rate']:.1%}")
+
+    def figures(self) -> dict[str, Any]:
+        elapsed = max(time.time() - self.start, 1e-9)
+        rows = self.stats["rows_done"] + self.stats["rows_failed"]
         rate = rows / elapsed
         return {
-            **stats,
+            **self.stats,
             "elapsed_s": round(elapsed, 3),
             "rows_per_s": round(rate, 3),
-            "tokens_per_s": round(stats["completion_tokens"] / elapsed, 1),
-            "failure_rate": round(stats["rows_failed"] / rows, 4) if rows else 0.0,
-            "eta_s": round((rows_todo - rows) / rate, 1) if rate > 0 else None,
+            "tokens_per_s": round(self.stats["completion_tokens"] / elapsed, 1),
+            "failure_rate": round(self.stats["rows_failed"] / rows, 4) if rows else 0.0,
+            "eta_s": round((self.rows_todo - rows) / rate, 1) if rate > 0 else None,
         }
 
-    def finish(self, recorder, fp, history, records, stats, start, rows_todo, engine) -> dict[str, Any]:
+    def stop_message(self) -> str | None:
+        if self.stopped is None:
+            return None
+        last = " ".join(self.stopped.split())[:200]  # one line, whatever the engine printed
+        return (f"stopped early: {self.streak} rows in a row failed with an engine error "
+                f"(max_consecutive_engine_errors={self.cfg.max_consecutive_engine_errors}; last: {last}); "
+                f"{self.n_chunks - len(self.done)} of {self.n_chunks} chunks are not done and engine-error rows are "
+                f"retried: fix the engine and rerun the same command to resume {self.out}")
+
+    def finish(self, recorder, fp, history, records, engine) -> dict[str, Any]:
         import pyarrow.parquet as pq
 
-        shard_files = sorted((self.out / "shards").glob("part-*.parquet")) if (self.out / "shards").is_dir() else []
-        n_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in shard_files)
-        failed = [json.loads(line) for line in (self.out / "failed.jsonl").read_text().splitlines() if line.strip()]
+        files = shard_files(self.out)
+        n_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in files)
+        failed = self.read_failed()
         for f in failed:
             recorder.rejects[f["reason"]] += 1
-        recorder.add_output("generations", self.out / "shards", rows=n_rows, files=len(shard_files))
+        recorder.add_output("generations", self.shards, rows=n_rows, files=len(files))
         recorder.add_output("failed", self.out / "failed.jsonl", rows=len(failed))
         recorder.extra.update(
             {
@@ -439,63 +572,67 @@ class GenerationRun:
                 "fingerprint_history": history,
                 "model_used": self.model,
                 "engine": {"kind": self.cfg.engine.kind, "version": getattr(engine, "version", engine_version(self.cfg.engine.kind))},
-                "progress": self.figures(stats, start, rows_todo),
+                "progress": self.figures(),
                 "input_rows": len(records),
                 "complete": n_rows + len(failed) == len(records),
+                "failures": {"rows": len(failed), "rate": len(failed) / len(records) if records else 0.0,
+                             "max_failure_rate": self.cfg.max_failure_rate, "path": str(self.out / "failed.jsonl")},
+                "stopped": self.stop_message(),
             }
         )
         return recorder.finish()
 
-    # ---------------------------------------------------------------- one chunk
-    def run_chunk(self, engine, chunk: list[tuple[str, dict]], k: int, stats: dict) -> tuple[list[dict], list[dict]]:
+    # ---------------------------------------------------------------- rows
+    def generate_rows(self, engine, rows: list[tuple[str, dict]], first_attempt: dict[str, int]) -> tuple[dict, dict]:
+        """Render, send every pending row in one engine call per attempt, validate, retry the invalid ones.
+
+        Returns (output row by id, failure {id, reason, detail, attempts} by id): each row is in exactly one.
+        `first_attempt` numbers a retried row's attempts on from an earlier run (seed and temperature follow it).
+        """
         from recforge.config import RecforgeError as RenderError
 
-        entity = {rid: str(rec.get("entity_type") or "item") for rid, rec in chunk}
+        entity = {rid: str(rec.get("entity_type") or "item") for rid, rec in rows}
         prompts: dict[str, str] = {}
         last_error: dict[str, tuple[str, str]] = {}
-        for rid, rec in chunk:
+        for rid, rec in rows:
             try:
                 prompts[rid] = engine.render_chat(self.template.messages(rec, rid, self.variables))
             except RenderError as err:
                 last_error[rid] = ("render_error", str(err))
-        pending = [rid for rid, _ in chunk if rid in prompts]
+        pending = [rid for rid, _ in rows if rid in prompts]
         done: dict[str, dict] = {}
         attempts: dict[str, int] = {}
-        s = self.sampling
-        for attempt in range(self.cfg.max_retries + 1):
+        for i in range(self.cfg.max_retries + 1):
             if not pending:
                 break
-            temperature = s["temperature"] if attempt == 0 or s["temperature"] > 0 else self.cfg.retry_temperature
-            reqs = []
-            for rid in pending:
-                sampling = Sampling(
-                    max_tokens=s["max_tokens"], temperature=temperature, top_p=s["top_p"], n=s["n"],
-                    seed=row_seed(self.cfg.seed, self.shard, rid, attempt), stop=tuple(s["stop"] or ()),
-                )
-                reqs.append(GenerationRequest(rid, prompts[rid], sampling, self.constraint))
-            results = engine.generate(reqs)
+            reqs = [self.request(rid, prompts[rid], first_attempt.get(rid, 0) + i) for rid in pending]
             retry = []
-            for req, res in zip(reqs, results):
-                attempts[req.request_id] = attempt + 1
-                row = self.accept(req, res, entity[req.request_id], attempt + 1, last_error, stats)
+            for req, res in zip(reqs, engine.generate(reqs)):
+                rid = req.request_id
+                attempts[rid] = first_attempt.get(rid, 0) + i + 1
+                row = self.accept(req, res, entity[rid], attempts[rid], last_error)
                 if row is not None:
-                    done[req.request_id] = row
-                elif not last_error[req.request_id][0].startswith(NO_RETRY):
-                    retry.append(req.request_id)
+                    done[rid] = row
+                elif not last_error[rid][0].startswith(NO_RETRY):
+                    retry.append(rid)
             pending = retry
-        rows, failures = [], []
-        for rid, _ in chunk:
-            if rid in done:
-                rows.append(done[rid])
-                stats["rows_done"] += 1
-            else:
-                reason, detail = last_error[rid]
-                failures.append({"id": rid, "chunk": k, "reason": reason, "detail": detail, "attempts": attempts.get(rid, 0)})
-                stats["rows_failed"] += 1
-        return rows, failures
+        failed = {rid: {"id": rid, "reason": last_error[rid][0], "detail": last_error[rid][1], "attempts": attempts.get(rid, 0)}
+                  for rid, _ in rows if rid not in done}
+        return done, failed
 
-    def accept(self, req, res, entity_type, attempts, last_error, stats) -> dict | None:
+    def request(self, rid: str, prompt: str, attempt: int) -> GenerationRequest:
+        """Attempt `attempt` of a row: a greedy run's retries sample at retry_temperature, each with its own seed."""
+        s = self.sampling
+        temperature = s["temperature"] if attempt == 0 or s["temperature"] > 0 else self.cfg.retry_temperature
+        sampling = Sampling(
+            max_tokens=s["max_tokens"], temperature=temperature, top_p=s["top_p"], n=s["n"],
+            seed=row_seed(self.cfg.seed, self.shard, rid, attempt), stop=tuple(s["stop"] or ()),
+        )
+        return GenerationRequest(rid, prompt, sampling, self.constraint)
+
+    def accept(self, req, res, entity_type, attempts, last_error) -> dict | None:
         """The output row if at least one completion is valid, else None (the reason goes to last_error)."""
+        stats = self.stats
         stats["prompt_tokens"] += res.prompt_tokens
         if not res.ok:
             reason = "prompt_too_long" if res.error.startswith("prompt_too_long") else "engine_error"
@@ -528,19 +665,36 @@ class GenerationRun:
 
 
 def run_generate(cfg: GenerateConfig, shard: str | None = None, force: bool = False, progress: bool = True,
-                 overwrite: bool = False) -> dict[str, Any]:
-    run = GenerationRun(cfg, ShardSpec.parse(shard), force=force, progress=progress)
+                 overwrite: bool = False, retry_failed: bool = False) -> dict[str, Any]:
+    run = GenerationRun(cfg, ShardSpec.parse(shard), force=force, progress=progress, retry_failed=retry_failed)
     if overwrite:
         run.discard_outputs()
     return run.run()
 
 
+def run_problem(manifest: dict[str, Any]) -> str | None:
+    """One line saying why a finished `recforge generate` must exit non-zero, or None."""
+    if manifest.get("stopped"):
+        return manifest["stopped"]
+    f = manifest["failures"]
+    if f["rate"] > f["max_failure_rate"]:
+        return (f"failure rate {f['rate']:.1%} ({f['rows']} of {manifest['input_rows']} rows) is over "
+                f"max_failure_rate={f['max_failure_rate']}; the failed rows and their reasons are in {f['path']}")
+    return None
+
+
+def shard_files(out: str | Path) -> list[Path]:
+    """One output folder's shards: first-pass parts, then retry shards."""
+    d = Path(out) / "shards"
+    return sorted(d.glob("part-*.parquet")) + sorted(d.glob("retry-*.parquet"))
+
+
 def read_generations(run_dir: str | Path):
-    """All output rows of a run (every shard folder under it too) as a pyarrow Table."""
+    """All output rows of a run (every shard folder under it too, retry shards included) as a pyarrow Table."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    files = sorted(Path(run_dir).glob("shards/part-*.parquet")) + sorted(Path(run_dir).glob("shard-*/shards/part-*.parquet"))
+    files = shard_files(run_dir) + [f for sub in sorted(Path(run_dir).glob("shard-*")) for f in shard_files(sub)]
     if not files:
         raise RecforgeError(f"{run_dir}: no generation shards (shards/part-*.parquet) found")
     return pa.concat_tables([pq.read_table(f, schema=output_schema()) for f in files])

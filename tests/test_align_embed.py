@@ -19,6 +19,14 @@ from recforge.align.embed import nearest, plan_batches, read_vectors, run_embed
 from recforge.config import RecforgeError
 
 
+@pytest.fixture(scope="module", autouse=True)
+def digest_cache(tmp_path_factory):
+    """Keep the sha256 cache of model files (recforge.fingerprint) out of the home folder (subprocesses inherit it)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RECFORGE_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 def write_catalogue(path: Path, n: int, bad_rows: bool = False) -> list[str]:
     books = []
     with gzip.open(resolve_sample(), "rt") as f:
@@ -98,6 +106,36 @@ def test_changed_catalogue_is_refused(tmp_path, minilm_dir):
     run_embed(cfg)
     write_catalogue(cat, 25)
     with pytest.raises(RecforgeError, match="different plan"):
+        run_embed(cfg)
+
+
+def retrain_in_place(weights: Path) -> None:
+    """What retraining into the same folder looks like: other weight bytes, the very same file size."""
+    import struct
+
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:
+        start = 8 + struct.unpack("<Q", f.read(8))[0]  # safetensors: u64 header length, header, tensor data
+        f.seek(start)
+        byte = f.read(1)[0]
+        f.seek(start)
+        f.write(bytes([byte ^ 1]))  # the lowest mantissa bit of the first weight: still a valid float
+    assert weights.stat().st_size == size
+
+
+def test_retrained_model_in_the_same_folder_is_refused(tmp_path, minilm_dir):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(minilm_dir, model)
+    cat = tmp_path / "books.jsonl.gz"
+    write_catalogue(cat, 12)
+    cfg = EmbedConfig(model=str(model), out_dir=str(tmp_path / "out"), faiss_index=False, catalogue=CatalogueSource(path=str(cat)))
+    run_embed(cfg)
+    plan = json.loads((tmp_path / "out" / "plan.json").read_text())
+    assert len(plan["model_digest"]) == 64
+    retrain_in_place(model / "model.safetensors")
+    with pytest.raises(RecforgeError, match=r"different plan \(model_digest\)"):
         run_embed(cfg)
 
 
