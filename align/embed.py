@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from recforge.config import RecforgeError
-from recforge.data_recipes.readers import RejectLog, SourceConfig, read_items
+from recforge.readers import RejectLog, SourceConfig, read_items
 from recforge.fingerprint import folder_digest
 from recforge.io import atomic_write_json, sha256_file, write_parquet_atomic
 from recforge.manifest import RunRecorder
@@ -88,10 +88,9 @@ def encode_sorted(model, texts: list[str], batches: list[tuple[int, int]], promp
 def load_model(path: str, max_seq_length: int | None = None):
     from sentence_transformers import SentenceTransformer
 
-    if path == "minilm":
-        from recforge.models import minilm_path
+    from recforge.models import resolve_model
 
-        path = str(minilm_path())
+    path = resolve_model(path)  # `minilm` (and the offline LLM aliases) -> the model folder
     if not Path(path).is_dir():
         raise RecforgeError(f"model: not a folder: {path}")
     model = SentenceTransformer(path, device="cpu")
@@ -152,11 +151,9 @@ def nearest(out_dir: str | Path, query_vectors: np.ndarray, k: int = 10) -> list
 
 def model_digest(path: str) -> str:
     """Content digest of the embed model folder ("minilm" is the shipped all-MiniLM-L6-v2), for the plan."""
-    if path == "minilm":
-        from recforge.models import minilm_path
+    from recforge.models import resolve_model
 
-        path = str(minilm_path())
-    return folder_digest(path)
+    return folder_digest(resolve_model(path))
 
 
 def run_embed(cfg: EmbedConfig) -> dict:

@@ -26,11 +26,12 @@ COMPRESS_TOKEN = "<recforge_compress>"
 
 
 def resolve_backbone_path(path: str, cache_root: str = "runs") -> Path:
-    """`minilm` -> the offline MiniLM; `tiny` -> the tiny LM (built once under `runs/tiny-model`)."""
-    if path == "minilm":
-        from recforge.models import minilm_path
+    """`minilm` / `smollm2` / `qwen2.5-0.5b` -> the offline model's folder (`recforge.models.resolve_model`);
+    `tiny` -> the tiny LM (built once under `runs/tiny-model`)."""
+    from recforge.models import OFFLINE_LLMS, resolve_model
 
-        return minilm_path()
+    if path == "minilm" or path in OFFLINE_LLMS:
+        return Path(resolve_model(path))
     if path == "tiny":
         from recforge.tiny_model import TinyModelConfig, build_tiny_model
 

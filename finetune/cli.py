@@ -46,7 +46,10 @@ def _publish(args: argparse.Namespace) -> int:
     from .publish import publish
 
     result = publish(args.run_dir, args.out, merge=args.merge, push_to_hub=args.push_to_hub,
-                     private=args.private, max_diff=args.max_logit_diff)
+                     private=args.private, max_diff=args.max_logit_diff, check_vllm=args.vllm_check)
+    for name, check in (result["vllm_check"] or {}).items():
+        print(f"vLLM check ({name}): " + (f"loaded, greedy tokens match transformers on {check['greedy_match']} sample texts"
+                                           if check["loaded"] else f"not loadable: {check['error']}"))
     for w in result["warnings"]:
         print(f"warning: {w}")
     print(f"published to {args.out}" + (f" and pushed to {args.push_to_hub}" if args.push_to_hub else ""))
@@ -78,4 +81,6 @@ def add_commands(sub, eval_sub) -> None:
     pub.add_argument("--max-logit-diff", type=float, default=1e-3)
     pub.add_argument("--push-to-hub", metavar="REPO", default=None, help="push with the token in $HF_TOKEN")
     pub.add_argument("--private", action="store_true")
+    pub.add_argument("--vllm-check", choices=("auto", "on", "off"), default="auto",
+                     help="load what is published in vLLM and compare greedy tokens (auto: where vLLM is installed)")
     pub.set_defaults(handler=_publish)

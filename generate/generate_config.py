@@ -24,7 +24,7 @@ class HistoryConfig(RecipeModel):
 class InputConfig(RecipeModel):
     """Where the records come from.
 
-    kind=items: a catalogue read by `recforge.data_recipes.readers.read_items` (`fields` maps template
+    kind=items: a catalogue read by `recforge.readers.read_items` (`fields` maps template
     field -> column; malformed rows go to rejects.jsonl). kind=records: JSONL rows used as they are
     (nested values such as a user's `history` list), `id` naming the id column.
     """
@@ -43,7 +43,7 @@ class InputConfig(RecipeModel):
 
 
 class ModelConfig(RecipeModel):
-    name_or_path: str
+    name_or_path: str = Field(description="a folder, a hub id, or an offline alias: smollm2, qwen2.5-0.5b")
     revision: str | None = None
     adapter: str | None = Field(default=None, description="a PEFT/LoRA adapter folder served on top of the model")
     fallback: str | None = Field(default=None, description="used (and recorded) when name_or_path is a missing local path")
@@ -58,7 +58,10 @@ class EngineConfig(RecipeModel):
     cpu_threads: int | None = Field(default=None, ge=1, description="transformers on CPU: torch threads (1 is best for tiny models)")
     max_model_len: int | None = None
     tensor_parallel_size: int = Field(default=1, ge=1)
-    gpu_memory_utilization: float = 0.9
+    gpu_memory_utilization: float = Field(default=0.9, description="vLLM on GPU: fraction of GPU memory")
+    kv_cache_gib: float | None = Field(default=None, gt=0, description="vLLM: KV cache size (CPU default 2 GiB)")
+    enforce_eager: bool | None = Field(default=None, description="vLLM: skip torch.compile (default: eager on CPU)")
+    max_lora_rank: int | None = Field(default=None, ge=1, description="vLLM: LoRA slot rank (default: the adapter's, rounded up)")
 
 
 class SamplingOverrides(RecipeModel):

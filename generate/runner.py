@@ -162,15 +162,17 @@ def resolve_model(cfg: GenerateConfig) -> dict[str, Any]:
 
     An adapter-only folder (adapter_config.json, no config.json) is served as base + adapter.
     """
+    from recforge.models import resolve_model as resolve_alias
+
     m = cfg.model
-    name, note = m.name_or_path, None
+    name, note = resolve_alias(m.name_or_path), None
     # A hub id is "org/name"; a path has a leading ./ / ~ runs/ or several slashes.
     path_like = name.startswith((".", "/", "~", "runs/")) or name.count("/") >= 2
     if path_like and not resolve_path(name).exists():
         if not m.fallback:
             raise RecforgeError(f"model.name_or_path: {name} does not exist (and no model.fallback is set)")
         note = f"{name} does not exist; using model.fallback {m.fallback}"
-        name = m.fallback
+        name = resolve_alias(m.fallback)
     adapter = m.adapter
     p = resolve_path(name)
     if p.is_dir() and (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():
@@ -209,7 +211,8 @@ def build_engine(cfg: GenerateConfig, model: dict[str, Any]):
             model["name_or_path"], revision=model["revision"], adapter=model["adapter"],
             tensor_parallel_size=e.tensor_parallel_size, max_model_len=e.max_model_len,
             gpu_memory_utilization=e.gpu_memory_utilization, dtype=m.dtype,
-            trust_remote_code=m.trust_remote_code, seed=cfg.seed,
+            trust_remote_code=m.trust_remote_code, seed=cfg.seed, kv_cache_gib=e.kv_cache_gib,
+            enforce_eager=e.enforce_eager, max_lora_rank=e.max_lora_rank,
         )
     from recforge.generate.transformers_engine import TransformersEngine
 
@@ -300,11 +303,11 @@ def submission_batches(todo: list[int], chunks: list[list], submit_rows: int) ->
 
 class GenerationRun:
     def __init__(self, cfg: GenerateConfig, shard: ShardSpec, force: bool = False, progress: bool = True,
-                 retry_failed: bool = False):
+                 retry_failed: bool = False, engine=None):
         from recforge.prompts import load_prompt
 
         self.cfg, self.shard, self.force, self.show_progress = cfg, shard, force, progress
-        self.retry_failed = retry_failed
+        self.retry_failed, self.engine = retry_failed, engine
         base = Path(cfg.out_dir)
         self.out = base if shard.count == 1 else base / f"shard-{shard.index:05d}-of-{shard.count:05d}"
         self.shards = self.out / "shards"
@@ -448,7 +451,7 @@ class GenerationRun:
             print(f"recforge generate: {self.model['note']}", file=sys.stderr)
         self.n_chunks, self.start = len(chunks), time.time()
         self.rows_todo = len(picks) + sum(len(chunks[k]) for k in todo)
-        engine = build_engine(cfg, self.model) if self.rows_todo else None
+        engine = (self.engine or build_engine(cfg, self.model)) if self.rows_todo else None
         if self.show_progress:
             from tqdm import tqdm
 
@@ -665,8 +668,10 @@ class GenerationRun:
 
 
 def run_generate(cfg: GenerateConfig, shard: str | None = None, force: bool = False, progress: bool = True,
-                 overwrite: bool = False, retry_failed: bool = False) -> dict[str, Any]:
-    run = GenerationRun(cfg, ShardSpec.parse(shard), force=force, progress=progress, retry_failed=retry_failed)
+                 overwrite: bool = False, retry_failed: bool = False, engine=None) -> dict[str, Any]:
+    """`engine`: an engine already started for cfg's model (a service or a benchmark that keeps one vLLM
+    engine across runs); by default the run builds its own from cfg.engine."""
+    run = GenerationRun(cfg, ShardSpec.parse(shard), force=force, progress=progress, retry_failed=retry_failed, engine=engine)
     if overwrite:
         run.discard_outputs()
     return run.run()

