@@ -18,6 +18,16 @@ REQUIRED = ("torch", "transformers.models.llama", "transformers.models.qwen2", "
 OPTIONAL = ("vllm",)
 
 
+def _dist_version(module: str) -> str:
+    from importlib import metadata
+
+    names = metadata.packages_distributions().get(module, [module])
+    try:
+        return metadata.version(names[0])
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
 def check() -> dict[str, str]:
     """Import every module; return name -> version. Raises ImportError naming the first that fails."""
     versions = {}
@@ -26,8 +36,8 @@ def check() -> dict[str, str]:
             module = importlib.import_module(name)
         except Exception as error:  # any import-time failure is an environment defect
             raise ImportError(f"import {name} failed: {type(error).__name__}: {error}") from error
-        top = sys.modules[name.split(".")[0]]
-        versions[name.split(".")[0]] = getattr(top, "__version__", "?")
+        top = name.split(".")[0]
+        versions[top] = getattr(sys.modules[top], "__version__", None) or _dist_version(top)
     return versions
 
 
