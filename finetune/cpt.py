@@ -20,7 +20,7 @@ from recforge.config import RecforgeError
 from recforge.io import atomic_write_json
 from recforge.manifest import RunRecorder
 
-from .corpus import read_corpus, weighted_rows
+from .corpus import corpus_files, read_corpus, weighted_rows
 from .cpt_config import CPTConfig
 from .packing import BatchTrace, build_dataset, make_collator, row_segments
 from .tokens import add_special_tokens, collect_tokens, save_token_info, trainable_token_modules
@@ -156,14 +156,12 @@ def build_eval_datasets(cfg: CPTConfig, tokenizer, run: RunRecorder | None) -> d
 # ---------------------------------------------------------------------------- trainer
 
 
-def multi_process_cpu() -> bool:
-    """Launched as several processes (torchrun / accelerate) without CUDA: the Trainer must be told
-    use_cpu, or each process silently trains alone on the full data (gloo is then the backend)."""
-    import os
-
+def cpu_only() -> bool:
+    """No CUDA device: the Trainer must be told use_cpu, or several processes (torchrun / accelerate) each
+    silently train alone on the full data, and bf16 autocast on CPU (AMX) is refused as 'bf16/gpu'."""
     import torch
 
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    return not torch.cuda.is_available()
 
 
 def training_arguments(cfg: CPTConfig, out_dir: Path, has_eval: bool):
@@ -198,7 +196,7 @@ def training_arguments(cfg: CPTConfig, out_dir: Path, has_eval: bool):
         seed=cfg.seed,
         data_seed=cfg.seed,
         disable_tqdm=True,
-        use_cpu=multi_process_cpu(),
+        use_cpu=cpu_only(),
     )
 
 
@@ -266,6 +264,8 @@ def run_cpt(cfg: CPTConfig, resume: bool = False) -> dict:
             raise RecforgeError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}")
     set_seed(cfg.seed)
     run = RunRecorder(out_dir, "cpt", cfg, cfg.seed)
+    for src in [*cfg.data.train.values(), *cfg.data.eval.values()]:
+        corpus_files(src.path)  # a bad corpus path fails now, before the model loads
     trainer = make_trainer(cfg, out_dir, run)
     main = trainer.is_world_process_zero()
 
@@ -296,7 +296,7 @@ def run_cpt(cfg: CPTConfig, resume: bool = False) -> dict:
             {
                 "train": {"steps": trainer.state.global_step, "train_loss": result.training_loss,
                           "train_tokens": info["train_tokens"], "train_examples": info["train_examples"],
-                          "resumed_from": checkpoint},
+                          "train_runtime_s": result.metrics.get("train_runtime"), "resumed_from": checkpoint},
                 "added_tokens": info["added_tokens"],
                 "eval_before": before,
                 "eval_after": after,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 
@@ -44,6 +45,9 @@ def test_publish_with_merge_loads_and_matches(lora_run, tiny_model_dir, tmp_path
     assert main(["publish", str(lora_run), "--out", str(out), "--merge"]) == 0
     printed = capsys.readouterr().out
     assert "vLLM" in printed and "--merge" in printed  # new token rows: vLLM's LoRA loader would drop them
+    if importlib.util.find_spec("vllm") is not None:  # the merged model (with its 2 new token rows) loads in vLLM for real
+        assert "vLLM check (merged): loaded, greedy tokens match transformers on 3/3 sample texts" in printed
+        assert "vLLM check (adapter)" not in printed  # its new embedding rows cannot be served through LoRARequest
 
     assert (out / "adapter_model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert not [p for p in out.rglob("*") if p.suffix in (".bin", ".pt", ".pth")]
@@ -116,7 +120,7 @@ def test_push_uses_env_token_and_never_shows_it(lora_run, tmp_path, monkeypatch,
 
     monkeypatch.setenv("HF_TOKEN", SECRET)
     caplog.set_level(logging.DEBUG)
-    assert main(["publish", str(lora_run), "--out", str(out), "--push-to-hub", "me/x"]) == 0
+    assert main(["publish", str(lora_run), "--out", str(out), "--push-to-hub", "me/x", "--vllm-check", "off"]) == 0
     assert [c[0] for c in calls] == ["create", "upload"]
     assert calls[0][2] == SECRET  # the token reached the client
     assert {"README.md", "adapter_model.safetensors", "tokenizer.json"} <= set(calls[1][3])
