@@ -6,11 +6,12 @@ the command line: `recforge align align/recipes/esci_minilm.yaml data.pairs_path
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
 from recforge.config import RecipeModel
+from recforge.splits import SplitRule
 
 
 class BackboneConfig(RecipeModel):
@@ -25,6 +26,10 @@ class BackboneConfig(RecipeModel):
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_target_modules: list[str] | str = "all-linear"
+    # LLM backbones: weights loaded in this dtype (bfloat16 halves memory; the optimizer then steps bf16 weights),
+    # and activation recomputation to fit longer texts / larger batches
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    gradient_checkpointing: bool = False
 
 
 class PoolingConfig(RecipeModel):
@@ -88,7 +93,6 @@ class EsciSource(RecipeModel):
     products: str = "sample://esci_us_titles/products.jsonl.gz"
     judgments: str = "sample://esci_us_titles/judgments.jsonl.gz"
     min_positive_grade: float = 2.0  # ESCI: 3 exact, 2 substitute -> positives
-    eval_percent: int = Field(30, ge=1, le=99, description="share of queries (by hash of query_id) held out")
     # Inverse-cloze-style pseudo queries (Lee et al. 2019): a few words cut from each catalogue title become an
     # extra (pseudo query -> title) training pair. Catalogue text only: held-out queries and judgments are never read.
     pseudo_queries_per_product: int = Field(0, ge=0)
@@ -103,7 +107,6 @@ class MovieLensSource(RecipeModel):
     window: int = 3  # items within this many steps in a user's sequence co-engage
     min_rating: float = 4.0
     top_k_per_item: int = 10
-    eval_percent: int = Field(20, ge=1, le=99)
     max_train_pairs: int = 3000
 
 
@@ -140,6 +143,7 @@ class TrainConfig(RecipeModel):
     weight_decay: float = 0.0
     max_steps: int = -1
     no_duplicates_sampler: bool = True  # sentence-transformers' NO_DUPLICATES batch sampler
+    bf16: bool = False  # bf16 autocast (weights stay in backbone.dtype); on CUDA, or a CPU with bf16 support
     logging_steps: int = 10
 
 
@@ -149,13 +153,21 @@ class EvalConfig(RecipeModel):
     compare_base: bool = True
 
 
+# auto: CUDA when present, else CPU; or cpu, cuda, cuda:N, mps
+Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")]
+
+
 class AlignConfig(RecipeModel):
     out_dir: str = "runs/align/esci_minilm"
     seed: int = 0
+    device: Device = "auto"
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     pooling: PoolingConfig = Field(default_factory=PoolingConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    # held-out ESCI queries / MovieLens anchor items: the project rule (recforge/splits.py), as every stage;
+    # a pairs file keeps the split column data_recipes wrote
+    split: SplitRule = Field(default_factory=SplitRule)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
@@ -170,6 +182,7 @@ class CatalogueSource(RecipeModel):
 class EmbedConfig(RecipeModel):
     model: str = "runs/align/esci_minilm/model"
     out_dir: str = "runs/embed/goodbooks"
+    device: Device = "auto"
     catalogue: CatalogueSource = Field(default_factory=CatalogueSource)
     batch_size: int = 64
     shard_size: int = 2048
@@ -185,6 +198,8 @@ class RetrievalEvalConfig(RecipeModel):
 
     out_dir: str = "runs/eval/retrieval"
     seed: int = 0
+    device: Device = "auto"
     models: dict[str, str] = Field(default_factory=lambda: {"base": "minilm", "tuned": "runs/align/esci_minilm/model"})
     data: DataConfig = Field(default_factory=DataConfig)
+    split: SplitRule = Field(default_factory=SplitRule)  # must match the align run's, so the held-out queries match
     eval: EvalConfig = Field(default_factory=EvalConfig)

@@ -85,7 +85,18 @@ def encode_sorted(model, texts: list[str], batches: list[tuple[int, int]], promp
     return np.concatenate(out) if out else np.zeros((0, model.get_embedding_dimension()), dtype=np.float32)
 
 
-def load_model(path: str, max_seq_length: int | None = None):
+def resolve_device(device: str = "auto") -> str:
+    """`auto` -> `cuda` when a CUDA device is present, else `cpu`; an explicit device that is absent is an error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RecforgeError(f"device: {device} asked for, but torch sees no CUDA device (use device=auto or cpu)")
+    return device
+
+
+def load_model(path: str, max_seq_length: int | None = None, device: str = "auto"):
     from sentence_transformers import SentenceTransformer
 
     from recforge.models import resolve_model
@@ -93,7 +104,7 @@ def load_model(path: str, max_seq_length: int | None = None):
     path = resolve_model(path)  # `minilm` (and the offline LLM aliases) -> the model folder
     if not Path(path).is_dir():
         raise RecforgeError(f"model: not a folder: {path}")
-    model = SentenceTransformer(path, device="cpu")
+    model = SentenceTransformer(path, device=resolve_device(device))
     if max_seq_length:
         model.max_seq_length = max_seq_length
     return model
@@ -168,7 +179,7 @@ def run_embed(cfg: EmbedConfig) -> dict:
     run.add_input(cfg.catalogue.path, name="catalogue", rows=len(ids))
     if not ids:
         raise RecforgeError(f"{cfg.catalogue.path}: no usable items (see {out_dir / 'rejects.jsonl'})")
-    model = load_model(cfg.model, cfg.max_seq_length)
+    model = load_model(cfg.model, cfg.max_seq_length, cfg.device)
     prompt = (model.prompts or {}).get(cfg.catalogue.prompt_name) if cfg.catalogue.prompt_name else None
     if cfg.catalogue.prompt_name and prompt is None:
         raise RecforgeError(f"catalogue.prompt_name: the model has no prompt {cfg.catalogue.prompt_name!r} "
@@ -227,7 +238,8 @@ def run_embed(cfg: EmbedConfig) -> dict:
     run.add_output("vectors", shard_dir, rows=len(all_ids), dim=int(all_vecs.shape[1]), quantize=cfg.quantize)
     if cfg.faiss_index:
         run.add_output("faiss_index", build_faiss_index(out_dir, all_ids, all_vecs), rows=len(all_ids))
-    run.extra.update({"items_per_s": items_per_s, "encoded_this_run": encoded, "resumed_shards": len(done),
+    run.extra.update({"device": str(model.device), "items_per_s": items_per_s, "encoded_this_run": encoded,
+                      "resumed_shards": len(done),
                       "batches": len(batches), "sorted_by_tokens": cfg.sort_by_length})
     run.finish()
     return {"rows": len(all_ids), "out_dir": str(out_dir), "items_per_s": items_per_s, "resumed_shards": len(done)}

@@ -130,16 +130,14 @@ def run_eval_retrieval(cfg) -> dict:
     from recforge.manifest import RunRecorder
 
     from .embed import load_model
-    from .pairs import load_align_data
+    from .pairs import load_for_run
 
     out_dir = Path(cfg.out_dir)
     run = RunRecorder(out_dir, "eval retrieval", cfg, cfg.seed)
-    data = load_align_data(cfg.data)
-    for path, rows in data.inputs:
-        run.add_input(path, rows=rows)
+    data = load_for_run(cfg.data, cfg.split, run)
     results = {}
     for name, path in cfg.models.items():
-        results[name] = evaluate_model(load_model(path), data.task, cfg.eval.k_values, cfg.eval.batch_size)
+        results[name] = evaluate_model(load_model(path, device=cfg.device), data.task, cfg.eval.k_values, cfg.eval.batch_size)
     report = write_report(results, out_dir, f"{data.task.name}: " + " vs ".join(results), {"models": cfg.models})
     run.add_output("retrieval_metrics", report["json"])
     run.extra["metrics"] = results

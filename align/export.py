@@ -50,11 +50,13 @@ def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum(axis=1).min())
 
 
-def check_export(reference: dict[str, np.ndarray], export_dir: Path, texts: list[str], prompt_name: str | None) -> dict:
-    """Load the export with plain sentence-transformers and compare with `reference` (from `encode_both_paddings`)."""
+def check_export(reference: dict[str, np.ndarray], export_dir: Path, texts: list[str], prompt_name: str | None,
+                 device: str = "cpu") -> dict:
+    """Load the export with plain sentence-transformers (on the training device) and compare with `reference`
+    (from `encode_both_paddings`)."""
     from sentence_transformers import SentenceTransformer
 
-    loaded = SentenceTransformer(str(export_dir), device="cpu")
+    loaded = SentenceTransformer(str(export_dir), device=device)
     got = encode_both_paddings(loaded, texts, prompt_name)
     return {f"min_cosine_{side}_padding": min_cosine(reference[side], got[side]) for side in ("right", "left")} | {
         "texts": len(texts)}

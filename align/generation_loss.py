@@ -59,31 +59,25 @@ def _tag_name(value, key: str) -> str | None:
     return str(value).strip() if value not in (None, "") else None
 
 
-def targets_from_file(cfg: GenerationLossConfig) -> dict[str, dict]:
+def targets_from_file(cfg: GenerationLossConfig, rejects=None) -> dict[str, dict]:
     """item id -> {"hashtags", "category"} from a JSONL/Parquet catalogue (e.g. goodbooks books_tags.jsonl.gz)."""
-    from recforge.io import resolve_path
+    from recforge.io import parquet_files, resolve_path
+    from recforge.readers import FileKey, RejectLog, SourceConfig, read_records
 
-    from .pairs import read_jsonl
-
+    key = FileKey("loss.generation.targets_path")
     path = resolve_path(cfg.targets_path)
-    if not path.exists():
-        raise RecforgeError(f"loss.generation.targets_path: file not found: {cfg.targets_path}")
-    if path.suffix == ".parquet" or path.is_dir():
-        import pyarrow.parquet as pq
-
-        rows = pq.read_table(path).to_pylist()
-    else:
-        rows = read_jsonl(str(path))
+    # a Parquet folder is read shard by shard; each file goes through the quarantining reader
+    files = parquet_files(path, key) if path.is_dir() else [path]
+    kinds = {cfg.hashtags_field: "list"} if cfg.hashtags_field else {}
+    rows = [r for f in files for r in read_records(SourceConfig(path=str(f), id=cfg.id_field), rejects or RejectLog(), key, kinds)]
     exclude = set(cfg.exclude_tags)
     out = {}
-    for n, row in enumerate(rows, 1):
-        if cfg.id_field not in row:
-            raise RecforgeError(f"{cfg.targets_path}: row {n}: missing id field '{cfg.id_field}' (loss.generation.id_field)")
+    for item_id, row in rows:
         raw_tags = row.get(cfg.hashtags_field) if cfg.hashtags_field else None
         tags = [t for t in (_tag_name(v, cfg.tag_name_key) for v in (raw_tags or [])) if t and t not in exclude]
         category = _tag_name(row.get(cfg.category_field), cfg.tag_name_key) if cfg.category_field else None
         if tags or category:
-            out[str(row[cfg.id_field])] = {"hashtags": tags[: cfg.max_hashtags], "category": category}
+            out[item_id] = {"hashtags": tags[: cfg.max_hashtags], "category": category}
     return out
 
 

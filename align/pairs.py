@@ -2,22 +2,24 @@
 
 Three sources, one output: a list of pair dicts in `recforge.records.pairs_schema()` (train split)
 plus a `RetrievalTask` (held-out queries, the catalogue, graded qrels).
-- `esci`: query -> product judgments; queries split by a hash of query_id so no query is in both splits.
+- `esci`: query -> product judgments; queries split by the project rule (`recforge.splits`), so the held-out
+  queries are exactly data_recipes' eval queries and SFT's held-out queries.
 - `pairs`: a pairs Parquet file/folder (e.g. data_recipes' output); rows with split != "train" are held out.
 - `movielens`: item <-> item co-engagement from rating sequences (NoteLLM-style I2I), split by anchor item.
+Files are read through `recforge.readers`: malformed rows go to `rejects.jsonl` (file, line, reason).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from recforge.config import RecforgeError
-from recforge.io import open_text, parquet_files, resolve_path
+from recforge.io import parquet_files, resolve_path
+from recforge.readers import FileKey, RejectLog, SourceConfig, read_esci, read_records
+from recforge.splits import DEFAULT_RULE, SplitRule, entity_leakage, is_eval, leakage_check, stable_hash
 
 from .align_config import DataConfig, EsciSource, MovieLensSource
 
@@ -45,52 +47,21 @@ class AlignData:
     notes: dict = field(default_factory=dict)
 
 
-def stable_bucket(key: str) -> int:
-    """0..99 from a hash of the id: the same id always lands in the same split, on any machine."""
-    return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:8], 16) % 100
-
-
-def read_jsonl(path: str) -> list[dict]:
-    rows = []
-    with open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise RecforgeError(f"{path}: line {lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise RecforgeError(f"{path}: line {lineno}: expected a JSON object")
-            rows.append(row)
-    return rows
-
-
-def _need(row: dict, key: str, path: str, lineno: int):
-    if key not in row or row[key] is None:
-        raise RecforgeError(f"{path}: row {lineno}: missing field '{key}'")
-    return row[key]
-
-
-def build_esci(src: EsciSource) -> AlignData:
-    queries = {str(_need(r, "query_id", src.queries, i)): str(_need(r, "query", src.queries, i))
-               for i, r in enumerate(read_jsonl(src.queries), 1)}
-    products = {str(_need(r, "product_id", src.products, i)): str(_need(r, "product_title", src.products, i))
-                for i, r in enumerate(read_jsonl(src.products), 1)}
+def build_esci(src: EsciSource, rule: SplitRule = DEFAULT_RULE, rejects: RejectLog | None = None) -> AlignData:
+    queries, products, judgments = read_esci((src.queries, src.products, src.judgments),
+                                             ("data.esci.queries", "data.esci.products", "data.esci.judgments"),
+                                             rejects if rejects is not None else RejectLog())
     grades: dict[str, dict[str, float]] = defaultdict(dict)
-    judgments = read_jsonl(src.judgments)
-    for i, r in enumerate(judgments, 1):
-        qid, pid = str(_need(r, "query_id", src.judgments, i)), str(_need(r, "product_id", src.judgments, i))
-        if qid not in queries or pid not in products:
-            continue  # judgment of an unknown query/product: nothing to train or score
-        grades[qid][pid] = float(_need(r, "relevance", src.judgments, i))
+    for j in judgments:
+        if j.query_id in queries and j.item_id in products:  # else: nothing to train or score
+            grades[j.query_id][j.item_id] = float(j.grade)
 
     train_pairs, qrels = [], {}
     for qid in sorted(grades):
         positives = sorted(p for p, g in grades[qid].items() if g >= src.min_positive_grade)
         if not positives:
             continue
-        if stable_bucket(f"query:{qid}") < src.eval_percent:
+        if is_eval("query", qid, rule):
             qrels[qid] = {p: g for p, g in grades[qid].items() if g > 0}
             continue
         # Judged-irrelevant products are hard negatives: never a known positive of this query.
@@ -120,9 +91,13 @@ def build_esci(src: EsciSource) -> AlignData:
     )
     inputs = [(src.queries, len(queries)), (src.products, len(products)), (src.judgments, len(judgments))]
     real = [p for p in train_pairs if not p["pair_id"].startswith("ict:")]
+    # every held-out query (with or without positives) vs the queries trained on
+    held = [q for q in queries if is_eval("query", q, rule)]
+    leakage = entity_leakage([p["anchor_id"].split(":", 1)[1] for p in real], held, "query", rule)
     return AlignData(train_pairs, task, inputs, {"train_queries": len({p["anchor_id"] for p in real}),
                                                  "train_query_pairs": len(real), "pseudo_query_pairs": len(train_pairs) - len(real),
-                                                 "eval_queries": len(qrels)})
+                                                 "eval_queries": len(qrels), "leakage": leakage})
+
 
 
 def pseudo_query_pairs(products: dict[str, str], per_product: int, words: tuple[int, int], first_words: int = 12) -> list[dict]:
@@ -137,7 +112,7 @@ def pseudo_query_pairs(products: dict[str, str], per_product: int, words: tuple[
         tokens = products[pid].split()[:first_words]
         if len(tokens) < 2:
             continue
-        rng = random.Random(stable_bucket(f"pseudo:{pid}") * 1000003 + len(tokens))
+        rng = random.Random(stable_hash(f"pseudo:{pid}") % 100 * 1000003 + len(tokens))
         for k in range(per_product):
             n = min(rng.randint(*words), len(tokens) - 1)
             start = rng.randint(0, len(tokens) - n)
@@ -174,12 +149,42 @@ def read_pairs(path: str) -> list[dict]:
     return rows
 
 
+def data_manifest_splits(path: str) -> dict:
+    """The `splits` section of the `recforge data` manifest that wrote a pairs file/folder ({} if none beside it)."""
+    import json
+
+    folder = resolve_path(path)
+    for manifest in (folder / "manifest.json", folder.parent / "manifest.json", folder.parent.parent / "manifest.json"):
+        if manifest.is_file():
+            return json.loads(manifest.read_text()).get("splits") or {}
+    return {}
+
+
+def pairs_leakage(path: str, train: list[dict], held: list[dict]) -> dict:
+    """Held-out units of a pairs file vs its train rows. The unit is the anchor (`kind:anchor_id`), or, for a
+    kind that recforge data split by event (leave-last-out user -> next item), the anchor's held-out pair."""
+    import json
+
+    splits = data_manifest_splits(path)
+    by_event = {k.split("/", 1)[1] for k, r in (splits.get("leakage") or {}).items()
+                if k.startswith("pairs/") and str(r.get("unit", "")).startswith("event")}
+
+    def unit(r: dict) -> str:
+        key = f"{r['kind']}:{r['anchor_id']}"
+        return f"{key}>{r['positive_id']}" if r["kind"] in by_event else key
+
+    rule = (f"the split column of {path}, written by recforge data with split {json.dumps(splits['config'], sort_keys=True)}"
+            if splits.get("config") else f"the split column of {path} (no recforge data manifest beside it)")
+    return leakage_check({unit(r) for r in train}, {unit(r) for r in held}, "kind:anchor_id (event kinds: >positive_id)",
+                         "split column", rule)
+
+
 def _cap_per_kind(rows: list[dict], cap: int | None) -> list[dict]:
     """At most `cap` rows per kind, chosen by a hash of pair_id (deterministic, spread over anchors)."""
     if not cap:
         return rows
     by_kind: dict[str, list[dict]] = defaultdict(list)
-    for r in sorted(rows, key=lambda r: hashlib.sha256(str(r["pair_id"]).encode()).hexdigest()):
+    for r in sorted(rows, key=lambda r: stable_hash(str(r["pair_id"]))):
         if len(by_kind[r["kind"]]) < cap:
             by_kind[r["kind"]].append(r)
     return [r for k in sorted(by_kind) for r in by_kind[k]]
@@ -207,7 +212,7 @@ def build_from_pairs(path: str, max_train_per_kind: int | None = None, max_eval_
             corpus[str(r["negative_id"])] = r["negative"]
     queries, qrels = {}, defaultdict(dict)
     per_kind: dict[str, set] = defaultdict(set)
-    for r in sorted(held, key=lambda r: hashlib.sha256(f"{r['kind']}:{r['anchor_id']}".encode()).hexdigest()):
+    for r in sorted(held, key=lambda r: stable_hash(f"{r['kind']}:{r['anchor_id']}")):
         qid = f"{r['kind']}:{r['anchor_id']}"
         if max_eval_queries_per_kind and qid not in per_kind[r["kind"]] and len(per_kind[r["kind"]]) >= max_eval_queries_per_kind:
             continue
@@ -227,7 +232,9 @@ def build_from_pairs(path: str, max_train_per_kind: int | None = None, max_eval_
     query_kind = {q: q.split(":", 1)[0] for q in queries}
     task = RetrievalTask(queries, corpus, dict(qrels), name=Path(path).stem, relevant_min_grade=1.0,
                          query_kind=query_kind if len(per_kind) > 1 else {}, kind_corpus=dict(kind_corpus))
-    return AlignData(train, task, [(path, len(rows))], {"eval_anchors_also_in_train": len(train_keys & set(queries)),
+    leakage = pairs_leakage(path, train, held)
+    return AlignData(train, task, [(path, len(rows))], {"leakage": leakage,
+                                                        "eval_anchors_also_in_train": len(train_keys & set(queries)),
                                                         "train_pairs": len(train), "eval_queries": len(queries),
                                                         "train_kinds": dict(sorted({k: sum(r["kind"] == k for r in train) for k in {r["kind"] for r in train}}.items()))})
 
@@ -237,7 +244,7 @@ def _movie_text(row: dict) -> str:
     return f"{row['title']} — {genres}" if genres else str(row["title"])
 
 
-def build_movielens(src: MovieLensSource) -> AlignData:
+def build_movielens(src: MovieLensSource, rule: SplitRule = DEFAULT_RULE, rejects: RejectLog | None = None) -> AlignData:
     """Item -> item co-engagement (NoteLLM): a user who liked A also liked B within `window` steps.
 
     Each user's contribution is weighted 1/len(liked items) (NoteLLM's per-user normalisation);
@@ -247,11 +254,14 @@ def build_movielens(src: MovieLensSource) -> AlignData:
     items_path, seq_path = root / "items.jsonl.gz", root / "sequences.jsonl.gz"
     if not seq_path.is_file() or not items_path.is_file():
         raise RecforgeError(f"MovieLens data not found under {root} (set data.movielens.path=...)")
-    items = {str(r["item_id"]): _movie_text(r) for r in read_jsonl(str(items_path))}
+    rejects = rejects if rejects is not None else RejectLog()
+    items = {i: _movie_text(r) for i, r in read_records(SourceConfig(path=str(items_path), id="item_id"), rejects,
+                                                          FileKey("data.movielens.path"), {"title": "text", "genres": "list"})}
     scores: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    sequences = read_jsonl(str(seq_path))
-    for seq in sequences:
-        liked = [str(i) for i, r in zip(seq["item_ids"], seq["ratings"]) if r >= src.min_rating]
+    sequences = read_records(SourceConfig(path=str(seq_path), id="user_id"), rejects, FileKey("data.movielens.path"),
+                             {"item_ids": "list", "ratings": "list"})
+    for _, seq in sequences:
+        liked = [str(i) for i, r in zip(seq["item_ids"], seq["ratings"]) if _number(r) >= src.min_rating]
         if len(liked) < 2:
             continue
         w = 1.0 / len(liked)
@@ -267,31 +277,52 @@ def build_movielens(src: MovieLensSource) -> AlignData:
         if a not in items:
             continue
         pos = [b for b in neighbours[a] if b in items]
-        if stable_bucket(f"item:{a}") < src.eval_percent:
+        if is_eval("item", a, rule):
             qrels[a] = {b: 1.0 for b in pos}
             continue
         for b in pos[:2]:  # the strongest co-engagements train; all are known positives for masking
             train_pairs.append({"pair_id": f"ml:{a}:{b}", "kind": "item_item", "anchor_id": a, "anchor": items[a],
                                 "positive_id": b, "positive": items[b], "weight": 1.0, "negative_id": None,
                                 "negative": None, "anchor_positive_ids": pos, "split": "train"})
-    train_pairs = sorted(train_pairs, key=lambda p: stable_bucket(p["pair_id"]))[: src.max_train_pairs]
+    train_pairs = sorted(train_pairs, key=lambda p: stable_hash(p["pair_id"]))[: src.max_train_pairs]
     corpus = {i: t for i, t in items.items()}
     task = RetrievalTask({a: items[a] for a in qrels}, corpus, qrels, name="movielens_i2i")
+    leakage = entity_leakage([p["anchor_id"] for p in train_pairs], list(qrels), "item", rule)
     return AlignData(train_pairs, task, [(str(items_path), len(items)), (str(seq_path), len(sequences))],
-                     {"eval_items": len(qrels), "train_pairs": len(train_pairs)})
+                     {"eval_items": len(qrels), "train_pairs": len(train_pairs), "leakage": leakage})
 
 
-def load_align_data(cfg: DataConfig) -> AlignData:
+def _number(value) -> float:
+    """A rating; anything that is not a number counts as no rating (never liked)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float("-inf")
+
+
+def load_align_data(cfg: DataConfig, rule: SplitRule = DEFAULT_RULE, rejects: RejectLog | None = None) -> AlignData:
+    """Train pairs + the held-out task; built-in sources split by `rule`, a pairs file by its own split column."""
     if cfg.source == "pairs":
         data = build_from_pairs(cfg.pairs_path, cfg.max_train_pairs_per_kind, cfg.max_eval_queries_per_kind, cfg.kinds)
     elif cfg.source == "movielens":
-        data = build_movielens(cfg.movielens)
+        data = build_movielens(cfg.movielens, rule, rejects)
     else:
-        data = build_esci(cfg.esci)
+        data = build_esci(cfg.esci, rule, rejects)
     if not data.train_pairs:
         raise RecforgeError("no training pairs: check data paths and splits")
     if cfg.max_train_pairs:
         data.train_pairs = data.train_pairs[: cfg.max_train_pairs]
+    return data
+
+
+def load_for_run(cfg: DataConfig, rule: SplitRule, run) -> AlignData:
+    """`load_align_data` for a run: rejects to `out_dir/rejects.jsonl`, inputs, reject counts and the leakage
+    report (naming the split) into the run's manifest."""
+    path = run.out_dir / "rejects.jsonl"
+    path.unlink(missing_ok=True)  # a re-run reports its own rejects only
+    with RejectLog(path) as rejects:
+        data = load_align_data(cfg, rule, rejects)
+    run.rejects.update(rejects.counts)
+    for input_path, rows in data.inputs:
+        run.add_input(input_path, rows=rows)
+    run.extra["leakage"] = data.notes.get("leakage")
     return data
 
 

@@ -99,6 +99,8 @@ def build_embedding_model(backbone: BackboneConfig, pooling: PoolingConfig, prom
     kind = backbone.kind if backbone.kind != "auto" else detect_kind(path)
     mode = resolve_pooling_mode(pooling, kind)
     model_kwargs = {"trust_remote_code": backbone.trust_remote_code}
+    if backbone.dtype != "float32":
+        model_kwargs["dtype"] = backbone.dtype  # an LLM backbone in bf16 needs half the memory
 
     is_plain_st = (path / "modules.json").is_file() and pooling.mode == "auto" and pooling.projection_dim is None
     if is_plain_st and kind == "encoder":

@@ -16,11 +16,12 @@ from recforge.io import atomic_write_json, atomic_write_text, write_parquet_atom
 from recforge.manifest import RunRecorder
 
 from .align_config import AlignConfig
+from .embed import resolve_device
 from .evaluate import evaluate_model, write_report
 from .export import check_export, encode_both_paddings, export_model, model_card
 from .generation_loss import probe_generation_loss
 from .losses import WeightedLoss, build_loss
-from .pairs import load_align_data, pairs_table
+from .pairs import load_for_run, pairs_table
 
 log = logging.getLogger("recforge.align")
 
@@ -88,8 +89,9 @@ def add_generation_loss(model, parts: dict, cfg: AlignConfig, info: dict | None,
     return wrapped, len(targets)
 
 
-def train_model(model, pairs: list[dict], cfg: AlignConfig, out_dir: Path, info: dict | None = None) -> dict:
-    """Run SentenceTransformerTrainer on the pairs; returns the training log summary."""
+def train_model(model, pairs: list[dict], cfg: AlignConfig, out_dir: Path, info: dict | None = None,
+                device: str = "cpu") -> dict:
+    """Run SentenceTransformerTrainer on the pairs (on `device`); returns the training log summary."""
     from sentence_transformers.base.sampler import BatchSamplers
     from sentence_transformers.sentence_transformer import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
@@ -142,6 +144,10 @@ def train_model(model, pairs: list[dict], cfg: AlignConfig, out_dir: Path, info:
         logging_steps=cfg.train.logging_steps,
         disable_tqdm=True,
         dataloader_num_workers=0,
+        use_cpu=device == "cpu",  # else the Trainer moves the model to CUDA whenever one is present
+        bf16=cfg.train.bf16,
+        gradient_checkpointing=cfg.backbone.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.backbone.gradient_checkpointing else None,
     )
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss)
     result = trainer.train()
@@ -190,9 +196,7 @@ def run_align(cfg: AlignConfig) -> dict:
     run = RunRecorder(out_dir, "align", cfg, cfg.seed)
     set_seed(cfg.seed)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    data = load_align_data(cfg.data)
-    for path, rows in data.inputs:
-        run.add_input(path, rows=rows)
+    data = load_for_run(cfg.data, cfg.split, run)
     write_parquet_atomic(pairs_table(data.train_pairs), out_dir / "train_pairs.parquet")
     run.add_output("train_pairs", out_dir / "train_pairs.parquet", rows=len(data.train_pairs))
 
@@ -205,21 +209,23 @@ def run_align(cfg: AlignConfig) -> dict:
     if cfg.loss.generation_weight > 0 and info["kind"] != "causal_lm":
         raise RecforgeError("loss.generation_weight > 0 needs a causal-LM backbone (the generation term uses its LM head); "
                             f"{info['backbone_path']} is an encoder")
-    model.to("cpu")
+    device = resolve_device(cfg.device)
+    model.to(device)
+    info["device"] = device
     results = {}
     if cfg.eval.compare_base:
         results["base"] = evaluate_model(model, data.task, cfg.eval.k_values, cfg.eval.batch_size)
         log.info("base: %s", results["base"])
     if cfg.backbone.lora:
         wrap_lora(model, cfg)
-    summary = train_model(model, data.train_pairs, cfg, out_dir, info)
+    summary = train_model(model, data.train_pairs, cfg, out_dir, info, device)
     model.eval()
 
     texts = probe_texts(data.task)
     reference = encode_both_paddings(model, texts, "query" if cfg.data.query_prompt else None)
     export_dir = out_dir / "model"
     contract = export_model(model, export_dir, info, run.inputs)
-    export_check = check_export(reference, export_dir, texts, "query" if cfg.data.query_prompt else None)
+    export_check = check_export(reference, export_dir, texts, "query" if cfg.data.query_prompt else None, device)
     # Kept so anyone can re-check the export later against the end-of-training vectors.
     np.savez(out_dir / "export_check_vectors.npz", right=reference["right"], left=reference["left"])
     atomic_write_json(out_dir / "export_check_texts.json",
@@ -229,7 +235,7 @@ def run_align(cfg: AlignConfig) -> dict:
 
     from sentence_transformers import SentenceTransformer
 
-    tuned = SentenceTransformer(str(export_dir), device="cpu")
+    tuned = SentenceTransformer(str(export_dir), device=device)
     results["tuned"] = evaluate_model(tuned, data.task, cfg.eval.k_values, cfg.eval.batch_size)
     report = write_report(results, out_dir / "eval", f"{data.task.name}: base vs tuned ({info['kind']}, {info['pooling']})",
                           {"seed": cfg.seed, "backbone": info, "train": summary})

@@ -71,7 +71,7 @@ def python_dict_grouping(frame) -> tuple[float, int]:
 
 def worker(folder: Path) -> dict:
     from recforge.data_recipes import builders as B
-    from recforge.data_recipes.readers import RejectLog, SourceConfig, read_interactions, read_items
+    from recforge.readers import RejectLog, SourceConfig, read_interactions, read_items
     from recforge.data_recipes.recipe_config import InContextCorpus
     from recforge.data_recipes.serialize import Serializer, SerializerConfig, TokenCounter
     from recforge.data_recipes.splits import SplitConfig
@@ -94,12 +94,12 @@ def worker(folder: Path) -> dict:
     t2 = time.perf_counter()
     cfg = InContextCorpus(relations=["items_by_query", "queries_by_item", "user_sequence"], max_tokens=512,
                           chunk_rows=250_000)
-    built = B.build_in_context(cfg, SplitConfig(eval_fraction=0.1), TokenCounter(), item_texts, query_texts,
+    built = B.build_in_context(cfg, SplitConfig.uniform(10), TokenCounter(), item_texts, query_texts,
                                None, events)
     timings["build_in_context_s"] = time.perf_counter() - t2
 
     # side by side: the grouping step alone, Polars group-by vs Python dicts, same events
-    links, _ = B.split_links(B.links_from_interactions(events, None), "item_id", SplitConfig(eval_fraction=0.0))
+    links, _ = B.split_links(B.links_from_interactions(events, None), "item_id", SplitConfig.uniform(0))
     t3 = time.perf_counter()
     members = B.group_members(links, "query_id", "item_id", 256, cfg.chunk_rows)
     polars_group_s = time.perf_counter() - t3

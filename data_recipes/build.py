@@ -23,7 +23,7 @@ import polars as pl
 
 from recforge.config import RecforgeError
 from recforge.data_recipes import builders as B
-from recforge.data_recipes.readers import (
+from recforge.readers import (
     RejectLog,
     SourceConfig,
     read_interactions,
@@ -241,7 +241,7 @@ def build_pairs(cfg: DataRecipe, inp: Inputs, item_texts, query_texts, judgments
     if p.query_item.enabled and inp.queries and inp.judgments:
         add("query_item", B.build_query_item_pairs(query_texts, judgments, item_texts, p.query_item, cfg.split, cfg.seed))
     if p.item_item.enabled and scores is not None:
-        result = B.build_item_item_pairs(scores, item_texts, score_report.get("split"))
+        result = B.build_item_item_pairs(scores, item_texts, score_report.get("split"), cfg.split)
         result.report.update({k: v for k, v in score_report.items() if k != "split"})
         add("item_item", result)
     if p.user_item.enabled and inp.interactions is not None:

@@ -49,6 +49,7 @@ from recforge.data_recipes.splits import (
     with_time_split,
 )
 from recforge.records import Item, Judgment, Query
+from recforge.splits import describe, split_frame
 
 CORPUS_COLUMNS = {
     "row_id": pl.Utf8, "source": pl.Utf8, "documents": pl.List(pl.Utf8), "doc_ids": pl.List(pl.Utf8),
@@ -97,15 +98,19 @@ def split_counts(frame: pl.DataFrame) -> dict[str, int]:
     return counts
 
 
-def _id_leakage(frame: pl.DataFrame, id_col: str, unit: str, method: str) -> dict:
-    """Leakage over a list or scalar id column: eval ids that also occur in train rows."""
+def _id_leakage(frame: pl.DataFrame, id_col: str, unit: str, method: str, split_rule: str | None = None) -> dict:
+    """Leakage over a list or scalar id column: eval ids that also occur in train rows (`split_rule` names the rule)."""
     col = pl.col(id_col)
     ids = frame.select(pl.col("split"), col.alias("id"))
     if isinstance(frame.schema[id_col], pl.List):
         ids = ids.explode("id")
     train = ids.filter(pl.col("split") == TRAIN).get_column("id").drop_nulls()
     evals = ids.filter(pl.col("split") == EVAL).get_column("id").drop_nulls()
-    return leakage_check(train, evals, unit, method)
+    return leakage_check(train, evals, unit, method, split_rule)
+
+
+def _hash_leakage(frame: pl.DataFrame, id_col: str, unit: str, split: SplitConfig, entity: str) -> dict:
+    return _id_leakage(frame, id_col, unit, "hash", describe(entity, split))
 
 
 # ---------------------------------------------------------------- texts
@@ -160,14 +165,14 @@ def _meta(**kw) -> str:
     return json.dumps(kw, ensure_ascii=False, sort_keys=True)
 
 
-def _hash_split_of(ids: list[str], split: SplitConfig) -> dict[str, str]:
-    frame = with_hash_split(pl.DataFrame({"id": ids}, schema={"id": pl.Utf8}), "id", split)
+def _hash_split_of(ids: list[str], split: SplitConfig, entity: str) -> dict[str, str]:
+    frame = with_hash_split(pl.DataFrame({"id": ids}, schema={"id": pl.Utf8}), "id", split, entity)
     return dict(zip(frame["id"].to_list(), frame["split"].to_list()))
 
 
 def build_items(items: list[Item], serializer: Serializer, split: SplitConfig) -> Built:
     """One row per item (field dropout applies here: this is the augmentation corpus)."""
-    splits = _hash_split_of([it.item_id for it in items], split)
+    splits = _hash_split_of([it.item_id for it in items], split, split.item_entity)
     rows = []
     for it in items:
         text = serializer.serialize(it)
@@ -175,18 +180,18 @@ def build_items(items: list[Item], serializer: Serializer, split: SplitConfig) -
             rows.append(dict(row_id=f"item:{it.item_id}", source="items", documents=[text], doc_ids=[it.item_id],
                              text=text, split=splits[it.item_id], meta=_meta(kind="item")))
     frame = corpus_from_rows(rows)
-    return Built(frame, {"split": _id_leakage(frame, "doc_ids", "item_id", "hash")})
+    return Built(frame, {"split": _hash_leakage(frame, "doc_ids", "item_id", split, split.item_entity)})
 
 
 def build_queries(queries: list[Query], serializer: Serializer, split: SplitConfig) -> Built:
-    splits = _hash_split_of([q.query_id for q in queries], split)
+    splits = _hash_split_of([q.query_id for q in queries], split, "query")
     rows = []
     for q in queries:
         text = serializer.serialize_query(q.text)
         rows.append(dict(row_id=f"query:{q.query_id}", source="queries", documents=[text], doc_ids=[q.query_id],
                          text=text, split=splits[q.query_id], meta=_meta(kind="query")))
     frame = corpus_from_rows(rows)
-    return Built(frame, {"split": _id_leakage(frame, "doc_ids", "query_id", "hash")})
+    return Built(frame, {"split": _hash_leakage(frame, "doc_ids", "query_id", split, "query")})
 
 
 def positives_by_query(judgments: pl.DataFrame, min_grade: float) -> pl.DataFrame:
@@ -205,7 +210,7 @@ def build_query_item(queries: pl.DataFrame, judgments: pl.DataFrame, item_texts:
     texts = dict(zip(item_texts["id"].to_list(), item_texts["text"].to_list()))
     qtexts = dict(zip(queries["id"].to_list(), queries["text"].to_list()))
     groups = positives_by_query(judgments, cfg.min_grade)
-    splits = _hash_split_of(groups["query_id"].to_list(), split)
+    splits = _hash_split_of(groups["query_id"].to_list(), split, "query")
     rows, missing = [], 0
     for qid, item_ids, _ in groups.iter_rows():
         if qid not in qtexts:
@@ -220,13 +225,14 @@ def build_query_item(queries: pl.DataFrame, judgments: pl.DataFrame, item_texts:
                          text=separator.join(docs), split=splits[qid], meta=_meta(kind="query_item", query_id=qid)))
     frame = corpus_from_rows(rows)
     leak = leakage_check(frame.filter(pl.col("split") == TRAIN)["doc_ids"].list.first(),
-                         frame.filter(pl.col("split") == EVAL)["doc_ids"].list.first(), "query_id", "hash")
+                         frame.filter(pl.col("split") == EVAL)["doc_ids"].list.first(), "query_id", "hash",
+                         describe("query", split))
     return Built(frame, {"split": leak, "missing_texts": missing})
 
 
 def build_field_targets(items: list[Item], serializer: Serializer, cfg: FieldTargetsCorpus, split: SplitConfig) -> Built:
     """LARR field -> field rows: documents = [source fields, target fields]; meta names both sides."""
-    splits = _hash_split_of([it.item_id for it in items], split)
+    splits = _hash_split_of([it.item_id for it in items], split, split.item_entity)
     rows, skipped = [], 0
     for it in items:
         for task in cfg.tasks:
@@ -241,7 +247,8 @@ def build_field_targets(items: list[Item], serializer: Serializer, cfg: FieldTar
                 meta=_meta(kind="field_target", task=task.name, source_fields=task.source, target_fields=task.target),
             ))
     frame = corpus_from_rows(rows)
-    return Built(frame, {"split": _id_leakage(frame, "doc_ids", "item_id", "hash"), "skipped_missing_fields": skipped})
+    return Built(frame, {"split": _hash_leakage(frame, "doc_ids", "item_id", split, split.item_entity),
+                         "skipped_missing_fields": skipped})
 
 
 # ---------------------------------------------------------------- in-context (CPRM)
@@ -358,7 +365,8 @@ def split_links(links: pl.DataFrame, member: str, split: SplitConfig) -> tuple[p
     if split.by == "time" and links["timestamp"].drop_nulls().len() > 0:
         timed, cutoff = with_time_split(links, split)
         return timed, f"time (cutoff {cutoff})"
-    return with_hash_split(links, member, split), "hash"
+    entity = split.item_entity if member == "item_id" else "query"
+    return with_hash_split(links, member, split, entity), "hash"
 
 
 def event_leakage(events: pl.DataFrame, method: str) -> dict:
@@ -378,16 +386,35 @@ def user_sequences(events: pl.DataFrame, min_label: float | None = None) -> pl.D
         "user_id", "item_id", "timestamp", "line")
 
 
+def without_eval_items(seq: pl.DataFrame, split: SplitConfig) -> pl.DataFrame:
+    """Under a hash split a train row never holds an eval entity, user sequences included: the events of
+    held-out items (by the project rule) leave the train side. Rows marked `split == eval` keep them."""
+    if split.by != "hash" or seq.height == 0:
+        return seq
+    held = split_frame(seq["item_id"].unique().to_list(), split.item_entity, split).filter(pl.col("split") == EVAL)["id"]
+    keep = ~pl.col("item_id").is_in(held.implode())
+    if "split" in seq.columns:
+        keep = keep | (pl.col("split") == EVAL)
+    return seq.filter(keep)
+
+
+def _sequence_split(split: SplitConfig) -> str:
+    """The split of user-sequence rows, in words, for the leakage report."""
+    held = f"; held-out items ({describe(split.item_entity, split)}) never in a train row" if split.by == "hash" else ""
+    return f"each user's last {split.holdout_last} event(s) held out{held}"
+
+
 def sequence_members(events: pl.DataFrame, split: SplitConfig, docs: pl.DataFrame, max_tokens: int,
                      sep_tokens: int) -> tuple[pl.DataFrame, dict]:
     """User-sequence groups with the last `holdout_last` events held out.
 
-    Train rows: each user's prefix (the held-out events never appear). Eval rows: each held-out user's
+    Train rows: each user's prefix (the held-out events never appear, nor, under a hash split, held-out
+    items: `without_eval_items`). Eval rows: each held-out user's
     held-out items preceded by as much of their recent history as fits in `max_tokens` (one row per
     user, ending with what was held out). The leakage check runs on (user, position) events.
     """
     seq = with_holdout_last(events, split)
-    train = seq.filter(pl.col("split") == TRAIN)
+    train = without_eval_items(seq.filter(pl.col("split") == TRAIN), split)
     eval_users = seq.filter(pl.col("split") == EVAL).select("user_id").unique()
     evals = (
         seq.join(eval_users, on="user_id", how="semi")
@@ -404,7 +431,7 @@ def sequence_members(events: pl.DataFrame, split: SplitConfig, docs: pl.DataFram
     )
     key = pl.format("{}@{}", pl.col("user_id"), pl.col("pos"))
     leak = leakage_check(train.select(key.alias("k"))["k"], seq.filter(pl.col("split") == EVAL).select(key.alias("k"))["k"],
-                         "event (user_id@position)", f"holdout_last={split.holdout_last}")
+                         "event (user_id@position)", f"holdout_last={split.holdout_last}", _sequence_split(split))
     return members, leak
 
 
@@ -457,7 +484,8 @@ def build_in_context(cfg: InContextCorpus, split: SplitConfig, counter: TokenCou
             leak = co_engagement_split
         rows, missing = pack_groups(members, docs, cfg, relation, sep_tokens)
         unit = "item_id" if docs is item_docs else "query_id"
-        report["splits"][relation] = leak or _id_leakage(rows, "doc_ids", unit, "hash")
+        entity = split.item_entity if unit == "item_id" else "query"
+        report["splits"][relation] = leak or _hash_leakage(rows, "doc_ids", unit, split, entity)
         report["relations"][relation] = {"groups": members.select("split", "group").n_unique(),
                                          "rows": split_counts(rows), "members_without_text": missing}
         frames.append(rows)
@@ -488,7 +516,7 @@ def build_reading(item_texts: pl.DataFrame, features: pl.DataFrame, cfg: Reading
         feats = feats.filter(pl.col("entity_type").fill_null("item") == "item")
     feats = feats.unique("entity_id", keep="first", maintain_order=True)
     by_id = {row["entity_id"]: row for row in feats.iter_rows(named=True)}
-    splits = _hash_split_of(item_texts["id"].to_list(), split)
+    splits = _hash_split_of(item_texts["id"].to_list(), split, split.item_entity)
     labels = {"summary": "Summary", "pseudo_queries": "Searches", "knowledge": "Knowledge", "tags": "Tags"}
     rows, missing = [], 0
     for item_id, text in item_texts.iter_rows():
@@ -514,7 +542,8 @@ def build_reading(item_texts: pl.DataFrame, features: pl.DataFrame, cfg: Reading
         "features_without_item": sum(1 for k in by_id if k not in known),
         "split": leakage_check(
             frame.filter(pl.col("split") == TRAIN)["doc_ids"].list.first(),
-            frame.filter(pl.col("split") == EVAL)["doc_ids"].list.first(), "item_id", "hash"),
+            frame.filter(pl.col("split") == EVAL)["doc_ids"].list.first(), "item_id", "hash",
+            describe(split.item_entity, split)),
     }
     return Built(frame, report)
 
@@ -552,7 +581,7 @@ def build_query_item_pairs(queries: pl.DataFrame, judgments: pl.DataFrame, item_
             pl.col("neg_ids").list.get(pl.col("_k") % pl.col("neg_ids").list.len(), null_on_oob=True).alias("negative_id"),
             pl.col("neg_texts").list.get(pl.col("_k") % pl.col("neg_texts").list.len(), null_on_oob=True).alias("negative"),
         )
-    pairs = with_hash_split(pairs, "query_id", split).with_columns(
+    pairs = with_hash_split(pairs, "query_id", split, "query").with_columns(
         pl.format("qi:{}:{}", pl.col("query_id"), pl.col("item_id")).alias("pair_id"),
         pl.lit("query_item").alias("kind"),
         pl.col("query_id").alias("anchor_id"),
@@ -560,7 +589,7 @@ def build_query_item_pairs(queries: pl.DataFrame, judgments: pl.DataFrame, item_
         pl.lit(1.0).alias("weight"),
     )
     frame = as_pairs(pairs)
-    report = {"split": _id_leakage(frame, "anchor_id", "query_id", "hash"),
+    report = {"split": _hash_leakage(frame, "anchor_id", "query_id", split, "query"),
               "with_hard_negative": int(frame["negative_id"].is_not_null().sum())}
     return Built(frame, report)
 
@@ -582,7 +611,7 @@ def co_engagement_scores(events: pl.DataFrame, cfg: ItemItemPairs, split: SplitC
         method = f"time (cutoff {cutoff})"
         leak = event_leakage(seq, method)
     else:
-        seq, method = with_hash_split(seq, "item_id", split), "hash"
+        seq, method = with_hash_split(seq, "item_id", split, split.item_entity), "hash"
     seq = seq.with_columns(
         pl.int_range(pl.len(), dtype=pl.Int64).over(["user_id", "split"]).alias("pos"),
         pl.len().over(["user_id", "split"]).cast(pl.Int64).alias("n"),
@@ -622,7 +651,8 @@ def co_engagement_scores(events: pl.DataFrame, cfg: ItemItemPairs, split: SplitC
                     "pairs_after_top_k": scores.height, "split": leak}
 
 
-def build_item_item_pairs(scores: pl.DataFrame, item_texts: pl.DataFrame, time_leakage: dict | None = None) -> Built:
+def build_item_item_pairs(scores: pl.DataFrame, item_texts: pl.DataFrame, time_leakage: dict | None = None,
+                          split: SplitConfig | None = None) -> Built:
     """Pairs from co-engagement scores: weight = the NoteLLM score; anchor_positive_ids = all kept neighbours.
 
     Hash split: the leakage check is on item ids (anchor and positive). Time split: pass the event
@@ -643,7 +673,8 @@ def build_item_item_pairs(scores: pl.DataFrame, item_texts: pl.DataFrame, time_l
     if time_leakage is not None:
         return Built(frame, {"split": time_leakage})
     ids = pl.concat([frame.select("split", pl.col("anchor_id").alias("id")), frame.select("split", pl.col("positive_id").alias("id"))])
-    return Built(frame, {"split": _id_leakage(ids, "id", "item_id", "hash")})
+    split = split or SplitConfig()
+    return Built(frame, {"split": _hash_leakage(ids, "id", "item_id", split, split.item_entity)})
 
 
 def _short_text(items: list[Item], field_name: str | None, item_texts: pl.DataFrame) -> pl.DataFrame:
@@ -660,12 +691,12 @@ def build_user_item_pairs(events: pl.DataFrame, items: list[Item], item_texts: p
                           cfg: UserItemPairs, split: SplitConfig) -> Built:
     """User history (the last `history_len` items before t, oldest first) -> the item at t.
 
-    Train pairs use each user's prefix only; the last `holdout_last` items of each user are the eval
-    targets (their history may include train items, never the reverse).
+    Train pairs use each user's prefix only, without held-out items (hash split); the last `holdout_last`
+    items of each user are the eval targets (their history may include train items, never the reverse).
     """
     short = _short_text(items, cfg.history_field, item_texts)
     seq = user_sequences(events, cfg.min_label).join(short, left_on="item_id", right_on="id", how="inner")
-    seq = with_holdout_last(seq, split)
+    seq = without_eval_items(with_holdout_last(seq, split), split)
     # train rows list the user's train items as known positives; eval rows list every item of the user
     own_train = seq.filter(pl.col("split") == TRAIN).group_by("user_id").agg(
         pl.col("item_id").unique().sort().alias("_train"))
@@ -690,7 +721,7 @@ def build_user_item_pairs(events: pl.DataFrame, items: list[Item], item_texts: p
         "user_id", pl.int_ranges(pl.col("pos") - pl.col("history").list.len(), pl.col("pos") + 1).alias("p")
     ).explode("p").select(pl.format("{}@{}", "user_id", "p").alias("k"))["k"]
     held = pairs.filter(pl.col("split") == EVAL).select(pl.format("{}@{}", "user_id", "pos").alias("k"))["k"]
-    leak = leakage_check(used, held, "event (user_id@position)", f"holdout_last={split.holdout_last}")
+    leak = leakage_check(used, held, "event (user_id@position)", f"holdout_last={split.holdout_last}", _sequence_split(split))
     return Built(frame, {"split": leak})
 
 
@@ -719,16 +750,16 @@ def build_tag_pairs(tags: pl.DataFrame, item_texts: pl.DataFrame, cfg: TagPairs,
             top.join(item_texts.rename({"id": "item_id", "text": "anchor"}), on="item_id", how="inner")
             .join(own, on="item_id", how="left")
         )
-        pairs = with_hash_split(pairs, "item_id", split).with_columns(
+        pairs = with_hash_split(pairs, "item_id", split, split.item_entity).with_columns(
             pl.format("it:{}:{}", pl.col("item_id"), pl.col("tag")).alias("pair_id"), pl.lit("item_tag").alias("kind"),
             pl.col("item_id").alias("anchor_id"), pl.col("tag").alias("positive_id"), pl.col("tag").alias("positive"),
             pl.col("count").alias("weight"),
         )
         frame = as_pairs(pairs)
-        report["item_tag"] = _id_leakage(frame, "anchor_id", "item_id", "hash")
+        report["item_tag"] = _hash_leakage(frame, "anchor_id", "item_id", split, split.item_entity)
         frames.append(frame)
     if cfg.users and events is not None and items is not None:
-        seq = user_sequences(events)
+        seq = without_eval_items(user_sequences(events), split)  # a user's tags and history: train items only
         user_tags = (
             seq.join(top.select("item_id", "tag"), on="item_id", how="inner")
             .group_by(["user_id", "tag"]).agg(pl.len().cast(pl.Float64).alias("score"))
@@ -744,13 +775,13 @@ def build_tag_pairs(tags: pl.DataFrame, item_texts: pl.DataFrame, cfg: TagPairs,
         )
         own = user_tags.group_by("user_id").agg(pl.col("tag").sort().alias("anchor_positive_ids"))
         pairs = user_tags.join(history, on="user_id", how="inner").join(own, on="user_id", how="left")
-        pairs = with_hash_split(pairs, "user_id", split).with_columns(
+        pairs = with_hash_split(pairs, "user_id", split, "user").with_columns(
             pl.format("ut:{}:{}", pl.col("user_id"), pl.col("tag")).alias("pair_id"), pl.lit("user_tag").alias("kind"),
             pl.col("user_id").alias("anchor_id"), pl.col("tag").alias("positive_id"), pl.col("tag").alias("positive"),
             pl.col("score").alias("weight"),
         )
         frame = as_pairs(pairs)
-        report["user_tag"] = _id_leakage(frame, "anchor_id", "user_id", "hash")
+        report["user_tag"] = _hash_leakage(frame, "anchor_id", "user_id", split, "user")
         frames.append(frame)
     return Built(pl.concat(frames) if frames else empty_pairs(), report)
 
@@ -760,7 +791,7 @@ def build_tag_pairs(tags: pl.DataFrame, item_texts: pl.DataFrame, cfg: TagPairs,
 
 def replay_corpus(docs: list[Query], split: SplitConfig) -> pl.DataFrame:
     """General-text replay documents (id, text) as one-document rows, so CPT keeps general language ability."""
-    splits = _hash_split_of([d.query_id for d in docs], split)
+    splits = _hash_split_of([d.query_id for d in docs], split, "doc")
     return corpus_from_rows([
         dict(row_id=f"replay:{d.query_id}", source="replay", documents=[d.text], doc_ids=[d.query_id], text=d.text,
              split=splits[d.query_id], meta=_meta(kind="replay"))

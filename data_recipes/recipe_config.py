@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field
 
 from recforge.config import RecipeModel
-from recforge.data_recipes.readers import SourceConfig
+from recforge.readers import SourceConfig
 from recforge.data_recipes.serialize import SerializerConfig, TokenCountConfig
 from recforge.data_recipes.splits import SplitConfig
 

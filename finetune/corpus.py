@@ -10,6 +10,23 @@ from recforge.io import parquet_files
 REQUIRED_COLUMNS = ("row_id", "source", "documents")
 
 
+def corpus_files(path: str) -> list:
+    """The Parquet files of a corpus, each checked to open and to hold the corpus columns (schema only, cheap):
+    run before a model is loaded, so a bad corpus path fails in a second with one line, not after minutes."""
+    import pyarrow.parquet as pq
+
+    files = parquet_files(path, "corpus")
+    for f in files:
+        try:
+            names = pq.read_schema(f).names
+        except Exception as err:  # pyarrow raises several types for a broken or empty file
+            raise RecforgeError(f"{f}: not a readable Parquet file ({type(err).__name__}: {str(err).splitlines()[0][:120]})") from None
+        missing = [c for c in REQUIRED_COLUMNS if c not in names]
+        if missing:
+            raise RecforgeError(f"{f}: missing corpus column(s) {missing}; expected recforge.records.corpus_schema()")
+    return files
+
+
 def read_corpus(path: str, split: str | None = None, max_rows: int | None = None) -> list[dict]:
     """Rows as dicts with `row_id`, `source`, `documents`; rows of another split are skipped.
 
@@ -18,14 +35,8 @@ def read_corpus(path: str, split: str | None = None, max_rows: int | None = None
     import pyarrow.parquet as pq
 
     rows: list[dict] = []
-    for f in parquet_files(path, "corpus"):
-        try:
-            table = pq.read_table(f)
-        except Exception as err:  # pyarrow raises several types for a broken file
-            raise RecforgeError(f"{f}: not a readable Parquet file: {err}") from None
-        missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
-        if missing:
-            raise RecforgeError(f"{f}: missing corpus column(s) {missing}; expected recforge.records.corpus_schema()")
+    for f in corpus_files(path):
+        table = pq.read_table(f)
         cols = [c for c in ("row_id", "source", "documents", "text", "split") if c in table.column_names]
         for row in table.select(cols).to_pylist():
             if split is not None and row.get("split", split) != split:

@@ -204,6 +204,9 @@ def make_trainer(cfg: CPTConfig, out_dir: Path, run: RunRecorder | None = None):
     """Model (+ added tokens, + LoRA), datasets, collator and Trainer, ready for `.train()`."""
     from transformers import Trainer
 
+    # TrainingArguments first: under DeepSpeed ZeRO-3 it registers the config that makes from_pretrained partition
+    # the weights while loading (zero3_init_flag); built after the model, the flag could not act
+    args = training_arguments(cfg, out_dir, bool(cfg.data.eval))
     model, tokenizer = load_model_and_tokenizer(cfg)
     tokens = collect_tokens(cfg.tokens.add, cfg.tokens.from_manifest)
     token_ids = add_special_tokens(model, tokenizer, tokens, cfg.tokens.init, cfg.tokens.descriptions)
@@ -211,7 +214,6 @@ def make_trainer(cfg: CPTConfig, out_dir: Path, run: RunRecorder | None = None):
         model = apply_lora(model, cfg, token_ids)
     train_ds = build_train_dataset(cfg, tokenizer, run)
     eval_ds = build_eval_datasets(cfg, tokenizer, run)
-    args = training_arguments(cfg, out_dir, bool(eval_ds))
     collator = make_collator(cfg.packing, tokenizer.pad_token_id)
     if cfg.training.trace_batches:
         collator = BatchTrace(collator, out_dir / f"batches.rank{args.process_index}.jsonl")

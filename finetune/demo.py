@@ -11,55 +11,40 @@ the data_recipes outputs (`recforge cpt finetune/recipes/cpt_esci_tiny.yaml data
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
-from recforge.io import atomic_write_json, open_text, write_parquet_atomic
+from recforge.io import atomic_write_json, write_parquet_atomic
+from recforge.readers import FileKey, RejectLog, SourceConfig, read_esci, read_items
+from recforge.splits import split_of
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 
 
-def _is_eval(key: str, percent: int = 10) -> bool:
-    """A stable 10% hold-out by id hash (the same rows on every machine)."""
-    return int(hashlib.sha256(key.encode()).hexdigest(), 16) % 100 < percent
-
-
-def _jsonl(path: str):
-    with open_text(path) as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
-
-
 def esci_rows() -> list[dict]:
     """One row per product title and per query (each its own document)."""
-    rows = []
-    for p in _jsonl("sample://esci_us_titles/products.jsonl.gz"):
-        pid = f"product:{p['product_id']}"
-        rows.append(_row(pid, "esci_products", [p["product_title"]], [pid]))
-    for q in _jsonl("sample://esci_us_titles/queries.jsonl.gz"):
-        qid = f"query:{q['query_id']}"
-        rows.append(_row(qid, "esci_queries", [q["query"]], [qid]))
-    return rows
+    paths = tuple(f"sample://esci_us_titles/{f}.jsonl.gz" for f in ("queries", "products", "judgments"))
+    # the shipped samples have no bad rows; a changed sample still cannot crash the demo
+    queries, products, _ = read_esci(paths, paths, RejectLog())
+    return ([_row("item", pid, f"product:{pid}", "esci_products", title) for pid, title in products.items()]
+            + [_row("query", qid, f"query:{qid}", "esci_queries", text) for qid, text in queries.items()])
 
 
 def goodbooks_rows(max_books: int | None = 3000) -> list[dict]:
     """One row per catalogue book: `Title by Author, Author (year).`"""
+    src = SourceConfig(path="sample://goodbooks_10k_catalog/books.jsonl.gz", id="book_id",
+                       fields={"title": "title", "authors": "authors", "year": "original_publication_year"})
     rows = []
-    for b in _jsonl("sample://goodbooks_10k_catalog/books.jsonl.gz"):
-        year = b.get("original_publication_year")
-        text = f"{b['title']} by {', '.join(b.get('authors') or [])}" + (f" ({year})." if year else ".")
-        bid = f"book:{b['book_id']}"
-        rows.append(_row(bid, "goodbooks", [text], [bid]))
-        if max_books and len(rows) >= max_books:
-            break
+    for b in read_items(src, RejectLog(), FileKey("goodbooks books"))[: max_books or None]:
+        year, authors = b.fields.get("year"), b.fields.get("authors") or []
+        text = f"{b.fields['title']} by {', '.join(authors)}" + (f" ({year})." if year else ".")
+        rows.append(_row("book", b.item_id, f"book:{b.item_id}", "goodbooks", text))
     return rows
 
 
-def _row(row_id: str, source: str, docs: list[str], doc_ids: list[str]) -> dict:
-    return {"row_id": row_id, "source": source, "documents": docs, "doc_ids": doc_ids, "text": "\n".join(docs),
-            "split": "eval" if _is_eval(row_id) else "train", "meta": "{}"}
+def _row(entity: str, entity_id: str, row_id: str, source: str, text: str) -> dict:
+    """One-document corpus row, split by the project rule: CPT's eval rows are the other stages' eval ids."""
+    return {"row_id": row_id, "source": source, "documents": [text], "doc_ids": [row_id], "text": text,
+            "split": split_of(entity, entity_id), "meta": "{}"}
 
 
 def write_corpus(rows: list[dict], path: str | Path) -> Path:

@@ -37,7 +37,23 @@ def read_run(run_dir: Path) -> tuple[dict, dict, Path]:
     manifest_path, config_path = run_dir / "manifest.json", run_dir / "resolved_config.yaml"
     if not manifest_path.is_file() or not config_path.is_file():
         raise RecforgeError(f"{run_dir}: manifest.json / resolved_config.yaml missing (the run did not finish)")
-    return json.loads(manifest_path.read_text()), yaml.safe_load(config_path.read_text()), model_dir
+    manifest, config = _mapping(manifest_path, json.loads), _mapping(config_path, yaml.safe_load)
+    model = config.get("model")
+    # only the keys publish reads are checked: an older run's config may hold keys this version no longer has
+    if not isinstance(model, dict) or not isinstance(model.get("path"), str):
+        raise RecforgeError(f"{config_path}: key 'model.path' must name the base model, got model={model!r:.60}")
+    return manifest, config, model_dir
+
+
+def _mapping(path: Path, parse) -> dict:
+    """A run file that must hold a mapping (JSON or YAML); anything else is a one-line error naming it."""
+    try:
+        data = parse(path.read_text(encoding="utf-8"))
+    except (ValueError, yaml.YAMLError) as err:
+        raise RecforgeError(f"{path}: not valid {path.suffix.lstrip('.').upper()}: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise RecforgeError(f"{path}: expected a mapping, got {type(data).__name__} (the run did not finish?)")
+    return data
 
 
 def copy_model_files(model_dir: Path, out: Path) -> list[str]:

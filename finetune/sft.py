@@ -2,26 +2,28 @@
 
 trl (not the bare Trainer) because it already does what SFT needs: chat templating of
 prompt-completion examples, the completion-only loss mask, and peft wiring. Examples are built
-here per task (see `sft_config.py`), split by a stable id hash so held-out queries/books/items are
-never trained on; after training the model generates for the held-out examples and the task
+here per task (see `sft_config.py`), split by the project rule (`recforge.splits`: the same held-out
+queries as data_recipes and align, the same held-out books as generate), so they are never trained on; after training the model generates for the held-out examples and the task
 metrics (accuracy + macro-F1 for relevance, tag precision/recall/F1 for tags) go to `metrics.json`.
 
 Outputs in `out_dir`: `model/` (adapter or full model + tokenizer), `merged/` when `merge: true`
 (plain `from_pretrained` / vLLM-loadable, after a logit-parity check), `metrics.json`,
-`eval_ids.json` (the held-out ids), `resolved_config.yaml`, `manifest.json`.
+`eval_ids.json` (the held-out ids), `rejects.jsonl` (malformed input rows), `resolved_config.yaml`, `manifest.json`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections import Counter
 from pathlib import Path
 
 from recforge.config import RecforgeError
-from recforge.io import atomic_write_json, open_text, resolve_path
+from recforge.io import atomic_write_json
 from recforge.manifest import RunRecorder
+from recforge.readers import (FileKey, RejectLog, SourceConfig, as_text, read_esci, read_features_table, read_items,
+                              read_records)
+from recforge.splits import describe, entity_key, entity_leakage, is_eval
 
 from .sft_config import SFTConfig
 
@@ -32,43 +34,30 @@ DISTILL_INSTRUCTION = {"tags": "List tags for this item, comma-separated.", "sum
                        "pseudo_queries": "Write search queries that should find this item, one per line."}
 
 
-def held_out(key: str, percent: int) -> bool:
-    return int(hashlib.sha256(key.encode()).hexdigest(), 16) % 100 < percent
-
-
-def _jsonl(path: str):
-    p = resolve_path(path)
-    if not p.is_file():
-        raise RecforgeError(f"file not found: {path}")
-    with open_text(p) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise RecforgeError(f"{path}:{n}: not valid JSON: {err}") from None
-
-
-def _example(key: str, user: str, answer: str, target) -> dict:
+def _example(key: str, user: str, answer: str, target, entity: str, entity_id: str) -> dict:
+    """A chat example; `group` (`query:<id>`, `book:<id>`, `item:<id>`) is the unit the split holds out."""
     return {"id": key, "prompt": [{"role": "user", "content": user}],
-            "completion": [{"role": "assistant", "content": answer}], "target": json.dumps(target)}
+            "completion": [{"role": "assistant", "content": answer}], "target": json.dumps(target),
+            "entity": entity, "entity_id": entity_id, "group": entity_key(entity, entity_id)}
 
 
-def relevance_examples(cfg: SFTConfig) -> list[dict]:
+def relevance_examples(cfg: SFTConfig, rejects: RejectLog | None = None) -> list[dict]:
     d = cfg.relevance
-    queries = {str(q["query_id"]): q["query"] for q in _jsonl(d.queries)}
-    items = {str(p["product_id"]): p["product_title"] for p in _jsonl(d.items)}
+    queries, items, judgments = read_esci((d.queries, d.items, d.judgments),
+                                          ("relevance.queries", "relevance.items", "relevance.judgments"),
+                                          rejects if rejects is not None else RejectLog())
     instruction = RELEVANCE_INSTRUCTION.format(labels=", ".join(d.labels[k] for k in sorted(d.labels, reverse=True)))
     out = []
-    for j in _jsonl(d.judgments):
-        qid, pid = str(j["query_id"]), str(j["product_id"])
-        if qid not in queries or pid not in items:
+    for j in judgments:
+        if j.query_id not in queries or j.item_id not in items:
             continue
-        label = d.labels[int(j["relevance"])]
-        user = f"{instruction}\nQuery: {queries[qid]}\nProduct: {items[pid]}"
-        ex = _example(f"{qid}|{pid}", user, label, label)
-        ex["group"] = qid  # split by query: a held-out query is never seen in training
-        out.append(ex)
+        label = d.labels.get(int(j.grade))
+        if label is None:
+            raise RecforgeError(f"relevance.judgments: {d.judgments}: grade {j.grade:g} of query {j.query_id} has no "
+                                f"label in relevance.labels ({sorted(d.labels)})")
+        user = f"{instruction}\nQuery: {queries[j.query_id]}\nProduct: {items[j.item_id]}"
+        # split by query: a held-out query is never seen in training
+        out.append(_example(f"{j.query_id}|{j.item_id}", user, label, label, "query", j.query_id))
     return out
 
 
@@ -77,26 +66,23 @@ def book_text(b: dict) -> str:
     return f"{b['title']} by {', '.join(b.get('authors') or [])}" + (f" ({year})" if year else "")
 
 
-def tags_examples(cfg: SFTConfig) -> list[dict]:
-    d = cfg.tags
+BOOK_KINDS = {"title": "text", "authors": "list", "tags": "tags"}
+
+
+def tags_examples(cfg: SFTConfig, rejects: RejectLog | None = None) -> list[dict]:
+    d, rejects = cfg.tags, rejects if rejects is not None else RejectLog()
     skip = {t.lower() for t in d.skip_tags}
     books = []
-    for b in _jsonl(d.books):
+    for book_id, b in read_records(SourceConfig(path=d.books, id="book_id"), rejects, FileKey("tags.books"), BOOK_KINDS):
         tags = [t for t in book_target_tags(b.get("tags") or [], d.reader_shelf_rule) if t.lower() not in skip]
         if tags:
-            books.append((b, tags[: d.from_top or d.n_tags]))
+            books.append((book_id, b, tags[: d.from_top or d.n_tags]))
     if d.order == "frequency":
         # one global order: tags most common among the training books first (held-out books not counted)
-        freq = Counter(t for b, tags in books if not held_out(f"book:{b['book_id']}", cfg.eval_percent) for t in tags)
-        books = [(b, sorted(tags, key=lambda t: (-freq[t], t))) for b, tags in books]
-    books = [(b, tags[: d.n_tags]) for b, tags in books]
-    out = []
-    for b, tags in books:
-        ex = _example(f"book:{b['book_id']}", f"{TAGS_INSTRUCTION.format(n=d.n_tags)}\nBook: {book_text(b)}",
-                      ", ".join(tags), tags)
-        ex["group"] = ex["id"]
-        out.append(ex)
-    return out
+        freq = Counter(t for bid, _, tags in books if not is_eval("book", bid, cfg.split) for t in tags)
+        books = [(bid, b, sorted(tags, key=lambda t: (-freq[t], t))) for bid, b, tags in books]
+    return [_example(f"book:{bid}", f"{TAGS_INSTRUCTION.format(n=d.n_tags)}\nBook: {book_text(b)}",
+                     ", ".join(tags[: d.n_tags]), tags[: d.n_tags], "book", bid) for bid, b, tags in books]
 
 
 def book_target_tags(tags: list[dict], reader_shelf_rule: bool) -> list[str]:
@@ -107,24 +93,17 @@ def book_target_tags(tags: list[dict], reader_shelf_rule: bool) -> list[str]:
         from recforge.generate.tag_eval import book_shelf_tags
 
         return book_shelf_tags(tags, top=len(tags))
-    return [t["tag_name"] for t in sorted(tags, key=lambda t: -t["count"])]
+    return [t["tag_name"] for t in sorted(tags, key=lambda t: -t.get("count", 1))]
 
 
-def distill_examples(cfg: SFTConfig) -> list[dict]:
-    import pyarrow.parquet as pq
-
-    d = cfg.distill
+def distill_examples(cfg: SFTConfig, rejects: RejectLog | None = None) -> list[dict]:
+    d, rejects = cfg.distill, rejects if rejects is not None else RejectLog()
     if d is None:
         raise RecforgeError("task: distill needs a `distill:` section (features, items)")
-    fpath = resolve_path(d.features)
-    if not fpath.exists():
-        raise RecforgeError(f"distill.features: not found: {d.features}")
-    feats = pq.read_table(fpath).to_pylist()
-    if "entity_id" not in (feats[0] if feats else {}):
-        raise RecforgeError(f"{d.features}: not a features table (recforge.records.features_schema())")
-    items = {}
-    for r in _jsonl(d.items) if not str(d.items).endswith(".parquet") else pq.read_table(resolve_path(d.items)).to_pylist():
-        items[str(r[d.item_id_field])] = " | ".join(str(r[f]) for f in d.text_fields if r.get(f))
+    feats = read_features_table(d.features, "distill.features")
+    src = SourceConfig(path=d.items, id=d.item_id_field, fields={f: f for f in d.text_fields})
+    items = {it.item_id: " | ".join(as_text(it.fields[f]) for f in d.text_fields if it.fields.get(f))
+             for it in read_items(src, rejects, FileKey("distill.items"))}
     out = []
     for f in feats:
         eid = str(f["entity_id"])
@@ -134,10 +113,8 @@ def distill_examples(cfg: SFTConfig) -> list[dict]:
         if not value:
             continue
         answer = ", ".join(value) if d.target == "tags" else ("\n".join(value) if isinstance(value, list) else value)
-        ex = _example(f"item:{eid}", f"{DISTILL_INSTRUCTION[d.target]}\nItem: {items[eid]}", answer,
-                      value if d.target == "tags" else answer)
-        ex["group"] = ex["id"]
-        out.append(ex)
+        out.append(_example(f"item:{eid}", f"{DISTILL_INSTRUCTION[d.target]}\nItem: {items[eid]}", answer,
+                            value if d.target == "tags" else answer, d.entity, eid))
     if not out:
         raise RecforgeError(f"{d.features}: no item rows with a {d.target!r} value matched an item in {d.items}")
     return out
@@ -146,9 +123,25 @@ def distill_examples(cfg: SFTConfig) -> list[dict]:
 BUILDERS = {"relevance": relevance_examples, "tags": tags_examples, "distill": distill_examples}
 
 
+def entity_of(cfg: SFTConfig) -> str:
+    """What the task's split holds out: queries, books, or the distilled items (book ids for goodbooks)."""
+    return {"relevance": "query", "tags": "book"}.get(cfg.task) or (cfg.distill.entity if cfg.distill else "item")
+
+
+def split_report(cfg: SFTConfig, examples: list[dict], train: list[dict]) -> dict:
+    """The manifest's leakage report: every held-out entity vs the entities trained on (0 = no leakage).
+
+    Eval ids are all held-out entities of the task, not only the `max_eval_examples` scored."""
+    entity = entity_of(cfg)
+    held = {e["entity_id"] for e in examples if is_eval(entity, e["entity_id"], cfg.split)}
+    return entity_leakage([e["entity_id"] for e in train], held, entity, cfg.split)
+
+
 def split_examples(cfg: SFTConfig, examples: list[dict]) -> tuple[list[dict], list[dict]]:
-    train = [e for e in examples if not held_out(e["group"], cfg.eval_percent)]
-    evals = [e for e in examples if held_out(e["group"], cfg.eval_percent)]
+    """Held out by the project rule on each example's entity (query / book / item): the other stages' eval set."""
+    held = [is_eval(e["entity"], e["entity_id"], cfg.split) for e in examples]
+    train = [e for e, h in zip(examples, held) if not h]
+    evals = [e for e, h in zip(examples, held) if h]
     if cfg.max_train_examples:
         train = train[: cfg.max_train_examples]
     if cfg.max_eval_examples:
@@ -288,7 +281,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
     from trl import SFTConfig as TrlSFTConfig
     from trl import SFTTrainer
 
-    from .cpt import last_checkpoint, load_model_and_tokenizer, multi_process_cpu
+    from .cpt import cpu_only, last_checkpoint, load_model_and_tokenizer
 
     out_dir = Path(cfg.out_dir)
     checkpoint = last_checkpoint(out_dir) if resume else None
@@ -296,15 +289,15 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
         raise RecforgeError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}")
     set_seed(cfg.seed)
     run = RunRecorder(out_dir, "sft", cfg, cfg.seed)
-    examples = BUILDERS[cfg.task](cfg)
+    (out_dir / "rejects.jsonl").unlink(missing_ok=True)  # a re-run reports its own rejects only
+    with RejectLog(out_dir / "rejects.jsonl") as rejects:
+        examples = BUILDERS[cfg.task](cfg, rejects)
+    run.rejects.update(rejects.counts)
     train, evals = split_examples(cfg, examples)
+    run.extra["leakage"] = split_report(cfg, examples, train)
     for src in _inputs(cfg):
         run.add_input(src, name=cfg.task)
 
-    model, tokenizer = load_model_and_tokenizer(cfg)  # same loading rules as cpt (dtype, 4-bit check, safetensors)
-    prompts_trimmed = fit_to_length(tokenizer, train + evals, cfg.max_length)
-    if cfg.task == "relevance":
-        check_answer_budget(tokenizer, list(cfg.relevance.labels.values()), cfg.max_new_tokens)
     peft_config = None
     if cfg.mode in ("lora", "qlora"):
         peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
@@ -323,8 +316,14 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         report_to=t.report_to or "none", seed=cfg.seed, data_seed=cfg.seed, disable_tqdm=True,
         dataset_num_proc=None,
-        use_cpu=multi_process_cpu(),
+        use_cpu=cpu_only(),
     )
+    # after the training arguments: under DeepSpeed ZeRO-3 they register the config that makes from_pretrained
+    # partition the weights while loading (zero3_init_flag); loaded before, the flag could not act
+    model, tokenizer = load_model_and_tokenizer(cfg)  # same loading rules as cpt (dtype, 4-bit check, safetensors)
+    prompts_trimmed = fit_to_length(tokenizer, train + evals, cfg.max_length)
+    if cfg.task == "relevance":
+        check_answer_budget(tokenizer, list(cfg.relevance.labels.values()), cfg.max_new_tokens)
     cols = ["prompt", "completion"]
     trainer = SFTTrainer(
         model=model, args=args, processing_class=tokenizer, peft_config=peft_config,
@@ -345,8 +344,9 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
     trainer.save_model(str(model_dir))
     (model_dir / "training_args.bin").unlink(missing_ok=True)  # keep the model folder pickle-free
     tokenizer.save_pretrained(str(model_dir))
-    atomic_write_json(out_dir / "eval_ids.json", {"task": cfg.task, "held_out_percent": cfg.eval_percent,
-                                                  "eval_ids": [e["id"] for e in evals]})
+    entity = entity_of(cfg)
+    atomic_write_json(out_dir / "eval_ids.json", {"task": cfg.task, "held_out_percent": getattr(cfg.split.eval_percent, entity),
+                                                  "split": describe(entity, cfg.split), "eval_ids": [e["id"] for e in evals]})
     if cfg.merge and cfg.mode != "full":
         from .publish import merge_with_parity
 

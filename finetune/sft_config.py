@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import Field
 
 from recforge.config import RecipeModel
+from recforge.splits import SplitRule
 
 from .cpt_config import LoraSettings, ModelSettings
 
@@ -54,6 +55,7 @@ class DistillData(RecipeModel):
     item_id_field: str = "item_id"
     text_fields: list[str] = Field(default_factory=lambda: ["title"])
     target: Literal["tags", "summary", "knowledge", "pseudo_queries"] = "tags"
+    entity: Literal["item", "book"] = "item"  # the split entity of the items' ids (`book` for goodbooks)
 
 
 class SFTTrainingSettings(RecipeModel):
@@ -79,7 +81,8 @@ class SFTConfig(RecipeModel):
     relevance: RelevanceData = Field(default_factory=RelevanceData)
     tags: TagsData = Field(default_factory=TagsData)
     distill: DistillData | None = None
-    eval_percent: int = Field(20, ge=0, lt=100)  # held-out share, by query / book / item id hash
+    # held-out queries / books / items: the project rule (recforge/splits.py), the same ids every stage holds out
+    split: SplitRule = Field(default_factory=SplitRule)
     max_train_examples: int | None = None
     max_eval_examples: int | None = 200
     max_length: int = 256

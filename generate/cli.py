@@ -95,14 +95,16 @@ def _eval_tags(args: argparse.Namespace) -> int:
     ids = None
     run_info: dict = {}
     if src.is_dir():
-        from recforge.generate.runner import read_generations
+        from recforge.generate.postprocess import read_run_outputs
+        from recforge.readers import FileKey, RejectLog, SourceConfig, read_records
 
-        rows = read_generations(src).to_pylist()
-        feats = aggregate(rows, load_taxonomy_map(args.taxonomy_map))
+        mapping = load_taxonomy_map(args.taxonomy_map)
+        rows = read_run_outputs(src).to_pylist()
+        feats = aggregate(rows, mapping)
         failed_ids: set[str] = set()
         for failed in [src / "failed.jsonl", *src.glob("shard-*/failed.jsonl")]:
-            if failed.is_file():
-                failed_ids |= {json.loads(line)["id"] for line in failed.read_text().splitlines() if line.strip()}
+            if failed.is_file() and failed.stat().st_size:  # the run's own log; an unreadable line is skipped, not fatal
+                failed_ids |= {i for i, _ in read_records(SourceConfig(path=str(failed), id="id"), RejectLog(), FileKey(str(failed)))}
         ids = {r["id"] for r in rows} | failed_ids
         pred = {eid: f["tags"] for (etype, eid), f in feats.items() if etype == "item"}
         run_info = {"output_rows": len(rows), "failed_rows": len(failed_ids)}
@@ -112,11 +114,12 @@ def _eval_tags(args: argparse.Namespace) -> int:
             run_info["model_used"] = m.get("model_used")
             run_info["input_rows"] = m.get("input_rows")
     else:
-        import pyarrow.parquet as pq
+        from recforge.readers import read_features_table
 
         if not src.is_file():
             raise RecforgeError(f"--pred: {src} is neither a generate run folder nor a features parquet file")
-        pred = {r["entity_id"]: list(r["tags"] or []) for r in pq.read_table(src).to_pylist() if r["entity_type"] == "item"}
+        pred = {r["entity_id"]: list(r.get("tags") or []) for r in read_features_table(str(src), "--pred")
+                if r.get("entity_type", "item") == "item"}
     result = evaluate_tags(pred, args.truth, k=args.k, truth_top=args.truth_top, split=args.split, ids=ids)
     result.update(run_info)
     result["pred"] = str(src)

@@ -13,6 +13,7 @@ class HistoryConfig(RecipeModel):
     """Builds a user's `history` ([{title, rating}], time order) from id/rating lists and an item catalogue."""
 
     items_path: str
+    format: Literal["auto", "jsonl", "csv", "tsv", "parquet"] = "auto"
     item_id: str = "item_id"
     title_field: str = "title"
     ids_column: str = "item_ids"
@@ -25,8 +26,8 @@ class InputConfig(RecipeModel):
     """Where the records come from.
 
     kind=items: a catalogue read by `recforge.readers.read_items` (`fields` maps template
-    field -> column; malformed rows go to rejects.jsonl). kind=records: JSONL rows used as they are
-    (nested values such as a user's `history` list), `id` naming the id column.
+    field -> column; malformed rows go to rejects.jsonl). kind=records: rows used as they are (nested values
+    such as a user's `history` list; `recforge.readers.read_records`, any `format`), `id` naming the id column.
     """
 
     path: str
@@ -36,7 +37,8 @@ class InputConfig(RecipeModel):
     fields: dict[str, str] = Field(default_factory=dict)
     constants: dict[str, Any] = Field(default_factory=dict, description="added to every record, e.g. entity_type, domain")
     split: Literal["all", "train", "heldout"] = Field(
-        default="all", description="keep one side of the book split: sha256('book:<id>') % 100 < 20 -> heldout (as finetune)"
+        default="all", description="keep one side of the project's book split (recforge/splits.py): heldout = the books "
+                                   "data_recipes puts in eval and finetune never trains on"
     )
     limit: int | None = Field(default=None, ge=1)
     history: HistoryConfig | None = Field(default=None, description="kind=records: build `history` for user prompts")

@@ -120,10 +120,32 @@ def load_taxonomy_map(path: str | None) -> dict[str, str] | None:
     p = resolve_path(path)
     if not p.is_file():
         raise RecforgeError(f"--taxonomy-map: file not found: {path}")
-    data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise RecforgeError(f"--taxonomy-map: {path}: not valid YAML/JSON: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise RecforgeError(f"{path}: a taxonomy map is a YAML/JSON mapping variant -> canonical tag")
     return {str(k): str(v) for k, v in data.items()}
+
+
+def read_run_outputs(run_dir: str | Path):
+    """A generate run's output rows (`runner.read_generations`), after checking every shard opens and has the
+    output columns: a broken shard is a one-line error naming it, not a pyarrow traceback."""
+    import pyarrow.parquet as pq
+
+    from recforge.generate.runner import output_schema, read_generations, shard_files
+
+    d = Path(run_dir)
+    want = set(output_schema().names)
+    for f in shard_files(d) + [f for sub in sorted(d.glob("shard-*")) for f in shard_files(sub)]:
+        try:
+            names = set(pq.read_schema(f).names)
+        except Exception as err:  # pyarrow raises several types for a broken or empty file
+            raise RecforgeError(f"{f}: not a readable Parquet shard ({type(err).__name__})") from None
+        if not want <= names:
+            raise RecforgeError(f"{f}: not a generate output shard, missing columns {sorted(want - names)}")
+    return read_generations(d)
 
 
 def export_features(run_dirs: list[str], out_path: str, taxonomy_map: str | None = None, drop_unmapped: bool = False, max_tags: int = 10) -> dict:
@@ -133,19 +155,19 @@ def export_features(run_dirs: list[str], out_path: str, taxonomy_map: str | None
     from recforge.io import write_parquet_atomic
     from recforge.manifest import RunRecorder
     from recforge.records import features_schema
-    from recforge.generate.runner import read_generations
 
     out = Path(out_path)
+    mapping = load_taxonomy_map(taxonomy_map)  # the arguments first: a bad map fails before any reading
     recorder = RunRecorder(out.parent, "generate-export", None)
     rows: list[dict] = []
     for d in run_dirs:
-        table = read_generations(d)
+        table = read_run_outputs(d)
         recorder.inputs.append({"name": "run", "path": str(d), "rows": table.num_rows})
         rows.extend(table.to_pylist())
     unknown = sorted({r["task"] for r in rows if r["task"] not in TASK_COLUMN})
     if unknown:
         raise RecforgeError(f"no features column for task(s) {unknown}; known: {sorted(TASK_COLUMN)}")
-    feats = aggregate(rows, load_taxonomy_map(taxonomy_map), drop_unmapped, max_tags)
+    feats = aggregate(rows, mapping, drop_unmapped, max_tags)
     records = [feats[k] for k in sorted(feats)]
     write_parquet_atomic(pa.Table.from_pylist(records, schema=features_schema()), out)
     recorder.add_output("features", out, rows=len(records))

@@ -94,35 +94,18 @@ def read_records(cfg: GenerateConfig, rejects_path: Path) -> list[tuple[str, dic
 
 
 def _read_jsonl_records(inp, rejects_path: Path) -> list[tuple[str, dict]]:
-    from recforge.io import JsonlAppender
+    """`kind: records` rows through the quarantining reader, in any `input.format`; nested values are kept.
 
-    path = resolve_path(inp.path)
-    if not path.is_file():
-        raise RecforgeError(f"input.path: file not found: {inp.path}")
-    pairs, seen = [], set()
-    with open_text(path, errors="replace") as f, JsonlAppender(rejects_path) as rejects:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError("not an object")
-            except ValueError:
-                rejects.write({"file": str(path), "line": line_no, "reason": "invalid_json", "raw": line[:2000]})
-                continue
-            rid = row.get(inp.id)
-            if rid is None or str(rid).strip() == "":
-                rejects.write({"file": str(path), "line": line_no, "reason": "missing_id", "raw": line[:2000]})
-                continue
-            rid = str(rid)
-            if rid in seen:
-                rejects.write({"file": str(path), "line": line_no, "reason": "duplicate_id", "raw": line[:2000]})
-                continue
-            seen.add(rid)
-            fields = {k: row.get(col) for k, col in inp.fields.items()} if inp.fields else row
-            pairs.append((rid, {**inp.constants, **fields}))
-    return pairs
+    Malformed rows go to rejects.jsonl with file, line and reason; with `history`, its id / rating columns
+    must hold lists (a row where they do not is quarantined, not a crash later)."""
+    from recforge.readers import FileKey, RejectLog, SourceConfig, read_records
+
+    h = inp.history
+    kinds = {c: "list" for c in ((h.ids_column, h.ratings_column) if h else ()) if c}
+    src = SourceConfig(path=inp.path, format=inp.format, id=inp.id, fields=inp.fields)
+    with RejectLog(rejects_path) as rejects:
+        records = read_records(src, rejects, FileKey("input.path"), kinds)
+    return [(rid, {**inp.constants, **rec}) for rid, rec in records]
 
 
 def kar_prefix_length(n: int) -> int:
@@ -131,16 +114,15 @@ def kar_prefix_length(n: int) -> int:
 
 
 def _attach_history(pairs, h, rejects_path: Path) -> list[tuple[str, dict]]:
-    from recforge.io import JsonlAppender
+    """Each user's `history` ([{title, rating}], KAR-guarded prefix) from the catalogue at `history.items_path`
+    (any format the readers take; its bad rows are quarantined too). Users left with fewer than `min_events`
+    known events are rejected as `short_history`."""
+    from recforge.readers import FileKey, RejectLog, SourceConfig, read_items
 
-    titles: dict[str, str] = {}
-    with open_text(resolve_path(h.items_path)) as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                titles[str(row[h.item_id])] = str(row.get(h.title_field) or "")
+    src = SourceConfig(path=h.items_path, format=h.format, id=h.item_id, fields={"title": h.title_field})
     out = []
-    with JsonlAppender(rejects_path) as rejects:
+    with RejectLog(rejects_path) as rejects:
+        titles = {it.item_id: str(it.fields["title"]) for it in read_items(src, rejects, FileKey("input.history.items_path"))}
         for rid, rec in pairs:
             ids = rec.get(h.ids_column) or []
             ratings = rec.get(h.ratings_column) if h.ratings_column else None
@@ -148,7 +130,8 @@ def _attach_history(pairs, h, rejects_path: Path) -> list[tuple[str, dict]]:
             keep = kar_prefix_length(len(ids)) if h.kar_prefix else len(ids)
             history = [{"title": titles[str(i)], "rating": r} for i, r in zip(ids[:keep], ratings[:keep]) if titles.get(str(i))]
             if len(history) < h.min_events:
-                rejects.write({"id": rid, "reason": "short_history", "detail": f"{len(history)} known events < min_events={h.min_events}"})
+                rejects.reject(None, None, "short_history", f"{len(history)} known events < min_events={h.min_events}",
+                               None, "input.history", id=rid)
                 continue
             out.append((rid, {**rec, "history": history}))
     return out

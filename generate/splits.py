@@ -1,25 +1,22 @@
-"""The deterministic book split shared by generate (held-out evaluation) and finetune (training books).
+"""generate's names for the project split (`recforge.splits`) and its data-parallel shards.
 
-Rule (the one finetune's SFT recipes use, `held_out("book:<id>", eval_percent=20)`): a goodbooks book is
-held out when `int(sha256(f"book:{book_id}").hexdigest(), 16) % 100 < 20`, else it is a training book.
-It depends on the id alone (not on file order or the sample's size), so every stage and every machine
-agrees without sharing a file. About 20% of ids are held out.
+A goodbooks book is `heldout` when the project rule holds it out (`sha256("book:<id>") % 100 < 20` with the
+default salt and percent): the books finetune's tags SFT never trains on and data_recipes' goodbooks recipe
+puts in `eval`, so `recforge eval tags` never scores a book an earlier stage trained on.
 """
 
 from __future__ import annotations
 
-import hashlib
-
-HELD_OUT_PERCENT = 20
+from recforge.splits import DEFAULT_RULE, SplitRule, is_eval, stable_hash
 
 
 def id_hash(text: str, salt: str = "") -> int:
-    return int(hashlib.sha256((salt + text).encode("utf-8")).hexdigest(), 16)
+    return stable_hash(salt + text)
 
 
-def book_split(book_id: str | int, percent: int = HELD_OUT_PERCENT) -> str:
+def book_split(book_id: str | int, rule: SplitRule = DEFAULT_RULE) -> str:
     """"heldout" or "train" for a goodbooks book id (any string id works)."""
-    return "heldout" if id_hash(f"book:{book_id}") % 100 < percent else "train"
+    return "heldout" if is_eval("book", book_id, rule) else "train"
 
 
 def shard_of(record_id: str, num_shards: int) -> int:

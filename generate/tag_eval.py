@@ -15,14 +15,14 @@ Predicted tags are cleaned by the same rule before scoring (`clean_predicted`).
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from typing import Iterable
 
 from recforge.generate.postprocess import normalize_tag
 from recforge.generate.splits import book_split
-from recforge.io import open_text, resolve_path
+from recforge.readers import FileKey, RejectLog, SourceConfig, read_records
+from recforge.splits import describe
 
 READER_SHELVES = {
     "to-read", "currently-reading", "read", "favorites", "favourites", "favorite", "favourite", "faves", "fave",
@@ -58,18 +58,19 @@ def book_shelf_tags(tags: Iterable[dict], top: int) -> list[str]:
     return [t for t, _ in counts.most_common(top)]
 
 
-def read_truth(path: str, split: str = "heldout", top: int = 10) -> dict[str, list[str]]:
+def read_truth(path: str, split: str = "heldout", top: int = 10, rejects: RejectLog | None = None) -> dict[str, list[str]]:
+    """Book id -> its top book-describing shelves, for the books of one side of the project's book split.
+
+    Read through the quarantining reader: a row without a book id or with a malformed tag list goes to
+    `rejects` (file, line, reason) instead of stopping the evaluation."""
+    rows = read_records(SourceConfig(path=path, id="book_id"), rejects if rejects is not None else RejectLog(),
+                        FileKey("--truth"), {"tags": "tags"})
     truth = {}
-    with open_text(resolve_path(path)) as f:
-        for line in f:
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            bid = str(row["book_id"])
-            if split == "all" or book_split(bid) == split:
-                tags = book_shelf_tags(row.get("tags") or [], top)
-                if tags:
-                    truth[bid] = tags
+    for bid, row in rows:
+        if split == "all" or book_split(bid) == split:
+            tags = book_shelf_tags(row.get("tags") or [], top)
+            if tags:
+                truth[bid] = tags
     return truth
 
 
@@ -112,13 +113,15 @@ def precision_recall_at_k(pred: dict[str, list[str]], truth: dict[str, list[str]
 def evaluate_tags(pred: dict[str, list[str]], truth_path: str, k: int = 5, truth_top: int = 10, split: str = "heldout",
                   ids: set[str] | None = None) -> dict:
     """Scores over the truth books among `ids` (a run's input ids: failed rows count as zero), else all of them."""
-    truth = read_truth(truth_path, split=split, top=truth_top)
+    rejects = RejectLog()
+    truth = read_truth(truth_path, split=split, top=truth_top, rejects=rejects)
     if ids is not None:
         truth = {b: t for b, t in truth.items() if b in ids}
     result = precision_recall_at_k(pred, truth, k)
     # Reference: the k most common training shelves predicted for every book (a model should beat this).
     popular = top_train_tags(truth_path, k)
     result["popular_baseline"] = precision_recall_at_k({b: popular for b in truth}, truth, k)
-    result.update({"k": k, "truth_top": truth_top, "split": split})
+    result.update({"k": k, "truth_top": truth_top, "split": split, "split_rule": describe("book"),
+                   "truth_rejects": {"total": rejects.total, "by_reason": dict(rejects.counts), "rows": rejects.kept[:20]}})
     return result
 

@@ -101,7 +101,10 @@ class PromptTemplate:
             value = record.get(name)
             if value is None or (isinstance(value, (str, list, dict)) and len(value) == 0):
                 raise RecforgeError(f"prompt {self.name!r}: record {rid!r} is missing required field {name!r}")
-        context = {**self.spec.defaults, **(variables or {}), **record, "record": record}
+        # Template variables (spec defaults, then the recipe's prompt_vars) win over record fields: a data row
+        # holding `k` or `taxonomy` must not change how many tags are asked for or which. The row's own value
+        # stays reachable as `record.k`.
+        context = {**record, **self.spec.defaults, **(variables or {}), "record": record}
         try:
             return self.compiled().render(**context).strip()
         except UndefinedError as err:

@@ -60,7 +60,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid recipe"]
+    """One line (the CLI prints errors as one line): `src: key 'a.b': msg (got ...); key 'c': ...`."""
+    problems = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"]
@@ -68,8 +69,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
             msg = "unknown key"
         given = e.get("input")
         shown = "" if e["type"] in ("extra_forbidden", "missing") else f" (got {given!r:.80})"
-        lines.append(f"  key '{key}': {msg}{shown}")
-    return "\n".join(lines)
+        problems.append(f"key '{key}': {msg}{shown}".replace("\n", " "))
+    return f"{source}: " + "; ".join(problems)
 
 
 def validate_config(model_cls: type[M], data: dict[str, Any], source: str) -> M:

@@ -1,7 +1,9 @@
 """Run bookkeeping: every run writes `resolved_config.yaml` and `manifest.json` into its output folder.
 
 The manifest records what went in (paths with sha256, row counts), what came out, rejects by
-reason, library versions, the git commit and the seed, so a run can be audited and reproduced.
+reason, library versions, the git commit, the seed and the split rule (`split_rule`: the recipe's
+`split:` section, or the project default of `recforge.splits` for a run whose recipe has none), so a run
+can be audited and reproduced, and a chain of runs checked for one shared evaluation split.
 """
 
 from __future__ import annotations
@@ -81,12 +83,21 @@ class RunRecorder:
     def add_output(self, name: str, path: str | Path, rows: int | None = None, **info: Any) -> None:
         self.outputs.append({"name": name, "path": str(path), "rows": rows, **info})
 
+    def split_rule(self) -> dict[str, Any]:
+        from recforge.splits import DEFAULT_RULE, SplitRule
+
+        rule = getattr(self.config, "split", None)
+        if isinstance(rule, SplitRule):
+            return {"source": "recipe", **rule.model_dump(include={"salt", "eval_percent"})}
+        return {"source": "project default (recforge.splits)", **DEFAULT_RULE.model_dump()}
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "command": self.command,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
             "elapsed_s": round(time.time() - self.started, 3),
             "seed": self.seed,
+            "split_rule": self.split_rule(),
             "inputs": self.inputs,
             "outputs": self.outputs,
             "rejects": {"total": sum(self.rejects.values()), "by_reason": dict(sorted(self.rejects.items()))},

@@ -1,6 +1,6 @@
 """The one data model every stage shares.
 
-Input records (read from a team's logs and catalogues by `recforge.data_recipes.readers`):
+Input records (read from a team's logs and catalogues by `recforge.readers`):
 `Item`, `Query`, `Interaction`, `Judgment`. Ids are always strings, so `42` in a CSV and `"42"`
 in a JSONL file name the same thing.
 

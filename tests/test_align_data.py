@@ -13,6 +13,7 @@ from recforge.align.evaluate import rank_metrics, write_report
 from recforge.align.pairs import build_esci, build_from_pairs, load_align_data, pairs_table
 from recforge.config import RecforgeError
 from recforge.io import write_parquet_atomic
+from recforge.splits import SplitRule
 
 
 def test_esci_split_never_shares_a_query_and_is_deterministic():
@@ -27,7 +28,7 @@ def test_esci_split_never_shares_a_query_and_is_deterministic():
     # every held-out query has at least one exact/substitute product in the catalogue
     assert all(any(g >= 2 for g in data.task.qrels[q].values()) for q in data.task.queries)
     assert all(d in data.task.corpus for q in data.task.qrels for d in data.task.qrels[q])
-    more = build_esci(EsciSource(eval_percent=60))
+    more = build_esci(EsciSource(), SplitRule(eval_percent={"query": 60}))
     assert len(more.task.queries) > len(data.task.queries)
 
 
@@ -87,7 +88,15 @@ def test_multi_kind_pairs_are_also_scored_per_kind_and_can_be_filtered(tmp_path,
     assert metrics["queries"] == 12
     # Each kind ranks only its own 6 candidates (of 12 texts), so its top 10 always holds the relevant one.
     assert metrics["user_tag:recall@10"] == 1.0 and metrics["user_item:recall@10"] == 1.0  # 6 candidates each
-    assert 0.0 < metrics["user_tag:ndcg@10"] <= 1.0
+    # NDCG@10 by hand: one relevant tag per user -> 1 / log2(1 + its rank among the 6 tags), averaged
+    model = SentenceTransformer(str(minilm_dir), device="cpu")
+    users = [q for q, k in data.task.query_kind.items() if k == "user_tag"]
+    q_vecs = model.encode([data.task.queries[q] for q in users], normalize_embeddings=True)
+    t_vecs = model.encode(tags, normalize_embeddings=True)
+    scores = q_vecs @ t_vecs.T
+    ranks = [1 + int((row > row[tags.index(next(iter(data.task.qrels[q])))]).sum()) for q, row in zip(users, scores)]
+    assert metrics["user_tag:ndcg@10"] == pytest.approx(float(np.mean([1 / math.log2(1 + r) for r in ranks])), abs=1e-4)
+    assert min(ranks) == 1 and max(ranks) > 1  # a real ranking: some users' tag is first, some is not
 
     only = load_align_data(DataConfig(source="pairs", pairs_path=str(tmp_path / "pairs.parquet"), kinds=["user_tag"]))
     assert {p["kind"] for p in only.train_pairs} == {"user_tag"} and len(only.task.queries) == 6

@@ -69,7 +69,7 @@ def test_targets_from_pairs_and_file_and_the_task_mix(tmp_path):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"book_id": 1, "tags": ["a"]}) + "\n")
-    with pytest.raises(RecforgeError, match="bad.jsonl.*row 1.*item_id"):
+    with pytest.raises(RecforgeError, match="bad.jsonl.*line 1.*item_id"):
         targets_from_file(GenerationLossConfig(targets_path=str(bad)))
 
 

@@ -11,6 +11,7 @@ import pytest
 from recforge.align.align_config import AlignConfig, MovieLensSource
 from recforge.align.pairs import build_movielens
 from recforge.config import RecforgeError, load_recipe
+from recforge.splits import SplitRule
 
 REPO = Path(__file__).resolve().parents[1]
 MOVIELENS = (REPO / "../shared/data/movielens_100k").resolve()
@@ -29,7 +30,7 @@ def test_co_engagement_pairs_and_split(tmp_path):
             for u in range(1, 38)]
     write_jsonl_gz(tmp_path / "items.jsonl.gz", items)
     write_jsonl_gz(tmp_path / "sequences.jsonl.gz", seqs)
-    data = build_movielens(MovieLensSource(path=str(tmp_path), window=2, top_k_per_item=3, eval_percent=30))
+    data = build_movielens(MovieLensSource(path=str(tmp_path), window=2, top_k_per_item=3), SplitRule(eval_percent={"item": 30}))
     held = set(data.task.queries)
     trained = {p["anchor_id"] for p in data.train_pairs}
     assert held and trained and not held & trained

@@ -83,6 +83,18 @@ def test_tiny_lm_align_end_to_end_export_loads_in_plain_st(tiny_model_dir, tmp_p
     assert manifest["inputs"] and all(i["sha256"] for i in manifest["inputs"])
     assert (tmp_path / "run" / "eval" / "retrieval_metrics.png").stat().st_size > 1000
 
+    # training changed the model: every transformer weight matrix of the export differs from the base LM's
+    import torch
+    from safetensors.torch import load_file
+
+    base = {k.removeprefix("model."): v for k, v in load_file(Path(tiny_model_dir) / "model.safetensors").items()}
+    tuned = load_file(export / "model.safetensors")
+    layers = [k for k in tuned if k in base and k.startswith("layers.") and k.endswith("proj.weight")]
+    assert len(layers) >= 7 * 4  # q, k, v, o, gate, up, down in each of the tiny LM's 4 layers
+    unchanged = [k for k in layers if torch.equal(tuned[k], base[k])]
+    assert not unchanged, unchanged[:3]
+    assert out["metrics"]["tuned"] != out["metrics"]["base"]
+
 
 @pytest.mark.slow
 def test_tiny_lm_aligned_beats_itself_unaligned(tiny_model_dir, tmp_path):
@@ -172,3 +184,34 @@ def test_multi_kind_larr_training_on_pairs_file(tiny_model_dir, tmp_path):
     assert out["train"]["steps"] == 8
     assert {"final_temperature_item_item", "final_temperature_query_item"} <= set(out["train"])
     assert out["export_check"]["min_cosine_left_padding"] >= 0.9999
+
+
+def test_device_auto_dtype_and_gradient_checkpointing(tiny_model_dir, tmp_path):
+    """`device: auto` is CUDA when present, else CPU (an absent CUDA asked for is one clear error); an LLM
+    backbone loads in `backbone.dtype` and trains with gradient checkpointing on, and the run records the device."""
+    import torch
+
+    from recforge.align.embed import resolve_device
+    from recforge.align.pooling import build_embedding_model
+    from recforge.align.trainer import train_model
+
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(RecforgeError, match="device: cuda"):
+            resolve_device("cuda")
+    with pytest.raises(RecforgeError, match="device"):
+        load_recipe(AlignConfig, REPO / "align/recipes/esci_minilm.yaml", ["device=gpu0"])
+
+    cfg = tiny_recipe(tiny_model_dir, tmp_path / "run", "backbone.dtype=bfloat16", "backbone.gradient_checkpointing=true",
+                      "train.max_steps=2", "train.batch_size=8", "backbone.max_seq_length=16")
+    model, info = build_embedding_model(cfg.backbone, cfg.pooling, cache_root=str(tmp_path))
+    lm = model[0].auto_model
+    assert lm.dtype == torch.bfloat16
+    pairs = [{"pair_id": f"p{i}", "anchor_id": f"q{i}", "anchor": f"query {i}", "positive_id": f"d{i}",
+              "positive": f"document number {i}", "negative_id": None, "negative": None, "anchor_positive_ids": [f"d{i}"],
+              "weight": 1.0, "kind": "query_item"} for i in range(16)]
+    before = {k: v.detach().clone() for k, v in lm.named_parameters()}
+    summary = train_model(model, pairs, cfg, tmp_path / "run", info, resolve_device(cfg.device))
+    assert summary["steps"] == 2 and lm.is_gradient_checkpointing
+    assert any(not torch.equal(before[k], v) for k, v in lm.named_parameters())

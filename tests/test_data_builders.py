@@ -20,10 +20,11 @@ from recforge.data_recipes.recipe_config import (
     UserItemPairs,
 )
 from recforge.data_recipes.serialize import Serializer, SerializerConfig, TokenCountConfig, TokenCounter
-from recforge.data_recipes.splits import SplitConfig, hash_split, leakage_check, with_holdout_last, with_time_split
+from recforge.data_recipes.splits import SplitConfig, leakage_check, with_holdout_last, with_time_split
+from recforge.splits import split_frame
 from recforge.records import Item, Judgment, Query
 
-NO_EVAL = SplitConfig(eval_fraction=0.0)
+NO_EVAL = SplitConfig.uniform(0)
 
 
 def events(rows: list[tuple]) -> pl.DataFrame:
@@ -209,13 +210,15 @@ def test_time_split_builds_train_rows_from_earlier_events_only():
 
 def test_hash_split_is_deterministic_and_near_the_fraction():
     ids = [f"item-{i}" for i in range(5000)]
-    a = hash_split(ids, SplitConfig(eval_fraction=0.2, seed=1))
-    b = hash_split(list(reversed(ids)), SplitConfig(eval_fraction=0.2, seed=1))
+    a = split_frame(ids, "item", SplitConfig(salt="1"))
+    b = split_frame(list(reversed(ids)), "item", SplitConfig(salt="1"))
     assert dict(a.iter_rows()) == dict(b.iter_rows())
     share = (a["split"] == "eval").mean()
     assert 0.18 < share < 0.22
-    c = hash_split(ids, SplitConfig(eval_fraction=0.2, seed=2))
+    c = split_frame(ids, "item", SplitConfig(salt="2"))
     assert dict(a.iter_rows()) != dict(c.iter_rows())
+    # the entity type is part of the key: a user and an item with the same id are split independently
+    assert dict(a.iter_rows()) != dict(split_frame(ids, "user", SplitConfig(salt="1")).iter_rows())
 
 
 def test_leakage_check_counts_eval_ids_seen_in_train():
@@ -228,10 +231,10 @@ def test_leakage_check_counts_eval_ids_seen_in_train():
 def test_in_context_hash_split_never_puts_an_eval_item_in_a_train_row():
     ids = [f"i{n}" for n in range(60)]
     judged = B.judgments_frame([Judgment(f"q{n % 6}", i, 3) for n, i in enumerate(ids)])
-    split = SplitConfig(eval_fraction=0.3, seed=0)
+    split = SplitConfig(eval_percent={"item": 30})
     built = B.build_in_context(InContextCorpus(relations=["items_by_query"], max_tokens=12), split, TokenCounter(),
                                texts(ids), None, judged)
-    eval_ids = set(hash_split(ids, split).filter(pl.col("split") == "eval")["id"])
+    eval_ids = set(split_frame(ids, "item", split).filter(pl.col("split") == "eval")["id"])
     train_docs = set(built.frame.filter(pl.col("split") == "train")["doc_ids"].explode())
     eval_docs = set(built.frame.filter(pl.col("split") == "eval")["doc_ids"].explode())
     assert eval_ids and train_docs and eval_docs <= eval_ids

@@ -160,3 +160,64 @@ def test_queries_and_judgments_on_the_shipped_esci_sample():
     assert len(queries) == 350 and len({q.query_id for q in queries}) == 350
     assert len(judgments) == 790 and {j.grade for j in judgments} == {0.0, 1.0, 2.0, 3.0}
     assert {j.query_id for j in judgments} <= {q.query_id for q in queries}
+
+
+# ---------------------------------------------------------------- defects found by feeding bad input (issue 12)
+
+
+def test_csv_quoted_field_keeps_its_newline(tmp_path):
+    """A quoted CSV field spanning lines keeps the line break (the reader used to strip line ends first)."""
+    csv_path = tmp_path / "items.csv"
+    csv_path.write_bytes(b'sku,name,notes\r\nA1,"Desk lamp","warm light\r\nfor reading"\r\nA2,Cable,plain\r\n')
+    rejects = RejectLog()
+    items = read_items(SourceConfig(path=str(csv_path), id="sku", fields={"title": "name", "notes": "notes"}), rejects)
+    assert rejects.total == 0
+    assert [i.fields["notes"] for i in items] == ["warm light\r\nfor reading", "plain"]
+    tsv = tmp_path / "items.tsv"
+    tsv.write_text('sku\tname\nB1\t"two\nlines"\n', encoding="utf-8")
+    assert read_items(SourceConfig(path=str(tsv), id="sku", fields={"title": "name"}), RejectLog())[0].fields["title"] == "two\nlines"
+
+
+def test_a_number_where_the_title_belongs_is_wrong_type_not_empty_text(tmp_path):
+    path = tmp_path / "items.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"sku": "A1", "name": "Lamp"}, {"sku": "A2", "name": 1984}, {"sku": "A3", "name": "  "}]) + "\n", encoding="utf-8")
+    rejects = RejectLog()
+    items = read_items(SourceConfig(path=str(path), id="sku", fields={"title": "name"}), rejects)
+    assert [i.item_id for i in items] == ["A1"]
+    assert [(r["line"], r["reason"]) for r in rejects.kept] == [(2, "wrong_type"), (3, "empty_text")]
+    assert "'title' holds a number" in rejects.kept[0]["detail"]
+
+
+def test_a_file_with_no_usable_row_is_one_error_naming_file_and_first_bad_line(tmp_path):
+    path = tmp_path / "items.jsonl"
+    path.write_text('{"sku": \nnot json\n', encoding="utf-8")
+    with pytest.raises(RecforgeError, match=r"inputs\.items\.path: .*items\.jsonl: no usable rows.*line 1, invalid_json"):
+        read_items(SourceConfig(path=str(path), id="sku"), RejectLog(), "inputs.items")
+    (tmp_path / "empty.csv").write_text("", encoding="utf-8")
+    with pytest.raises(RecforgeError, match="empty.csv: no usable rows, it holds no rows"):
+        read_items(SourceConfig(path=str(tmp_path / "empty.csv"), id="sku"), RejectLog(), "inputs.items")
+
+
+def test_read_records_keeps_nested_values_and_quarantines_wrong_kinds(tmp_path):
+    from recforge.readers import read_records
+
+    path = tmp_path / "books.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"book_id": 1, "title": "Dune", "tags": [{"tag_name": "sf", "count": 3}, "classic"]},
+        {"book_id": 2, "title": 7, "tags": []},                          # line 2: a number as the title
+        {"book_id": 3, "title": "Emma", "tags": "romance"},              # line 3: tags not a list
+        {"title": "no id", "tags": []},                                  # line 4: missing id
+    ]) + "\n", encoding="utf-8")
+    rejects = RejectLog()
+    rows = read_records(SourceConfig(path=str(path), id="book_id"), rejects, "books", {"title": "text", "tags": "tags"})
+    assert rows == [("1", {"book_id": 1, "title": "Dune", "tags": [{"tag_name": "sf", "count": 3.0},
+                                                                   {"tag_name": "classic", "count": 1.0}]})]
+    assert [(r["line"], r["reason"]) for r in rejects.kept] == [(2, "wrong_type"), (3, "wrong_type"), (4, "missing_id")]
+
+
+def test_the_old_import_path_is_the_same_module():
+    import recforge.data_recipes.readers as old
+    import recforge.readers as core
+
+    assert old is core and old.read_items is core.read_items

@@ -130,7 +130,7 @@ def test_malformed_rows_go_to_rejects_and_strict_stops(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         f"inputs:\n  items: {{path: {items}, id: sku, fields: {{title: name}}}}\n"
-        "split: {eval_fraction: 0.0}\nin_context: {enabled: false}\npairs: {enabled: false}\n"
+        "split: {eval_percent: {item: 0}}\nin_context: {enabled: false}\npairs: {enabled: false}\n"
     )
     out = tmp_path / "out"
     assert main(["data", str(recipe), f"out_dir={out}"]) == 0
@@ -165,3 +165,15 @@ def test_token_count_method_is_configurable(tmp_path, method):
     assert max(n_tokens) <= 40
     # chars: ~4 chars per token, so a 40-token row stays near 160 characters of documents
     assert max(sum(len(d) for d in docs) for docs in rows["documents"]) <= 40 * 4 + 2 * 8
+
+
+def test_a_catalogue_sharing_no_id_with_the_judgments_still_builds(tmp_path, capsys):
+    """Every judgment names an unknown item: the query-item corpora are empty, not a polars traceback."""
+    items = tmp_path / "items.jsonl"
+    items.write_text('{"product_id": "X1", "product_title": "a lamp"}\n{"product_id": "X2", "product_title": "a cable"}\n')
+    out = tmp_path / "out"
+    assert main(["data", str(RECIPES / "esci_search.yaml"), f"out_dir={out}", f"inputs.items.path={items}"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["corpora"]["query_item"]["rows"] == {"train": 0, "eval": 0}
+    assert m["corpora"]["pairs"]["rows"] == {"train": 0, "eval": 0}
+    assert m["splits"]["leakage_ok"] is True and "Traceback" not in capsys.readouterr().err

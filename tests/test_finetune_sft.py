@@ -121,7 +121,7 @@ def test_distill_sft_reads_a_features_table(tiny_model_dir, tmp_path):
     write_parquet_atomic(pa.Table.from_pylist(rows, schema=features_schema()), tmp_path / "features.parquet")
     out = tmp_path / "distill"
     assert main(["sft", str(RECIPES / "sft_distill_tiny.yaml"), f"model.path={tiny_model_dir}", f"out_dir={out}",
-                 f"distill.features={tmp_path / 'features.parquet'}", "training.max_steps=2", "eval_percent=30",
+                 f"distill.features={tmp_path / 'features.parquet'}", "training.max_steps=2", "split.eval_percent.book=30",
                  "max_new_tokens=4"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_train"] + metrics["n_eval"] == 8  # the user row and unknown ids are not items to distil

@@ -234,7 +234,15 @@ def test_eval_tags_cli_on_a_run(finished_run, tiny_model_dir, tmp_path, capsys):
     assert main(["eval", "tags", "--pred", str(tmp / "out"), "--split", "all", "--out", str(tmp_path / "m.json")]) == 0
     printed = capsys.readouterr().out
     m = json.loads((tmp_path / "m.json").read_text())
-    assert "precision@5" in printed and 0.0 <= m["precision@5"] <= 1.0
+    # the metric recomputed by hand from the run's own rows: hits among the first 5 cleaned tags / 5, over the
+    # books of the run that have shelf truth (failed rows count as zero)
+    from recforge.generate.tag_eval import clean_predicted, read_truth
+
+    truth = read_truth("sample://goodbooks_10k_book_tags/books_tags.jsonl.gz", split="all", top=10)
+    pred = {r["id"]: json.loads(r["output"])["tags"] for r in read_generations(tmp / "out").to_pylist()}
+    scored = [b for b in truth if b in {str(i) for i in (*range(1, 11), 900, 901)}]
+    expected = sum(len(set(clean_predicted(pred.get(b, []))[:5]) & set(truth[b])) / 5 for b in scored) / len(scored)
+    assert m["books"] == len(scored) and m["precision@5"] == pytest.approx(round(expected, 4), abs=1e-4)
     assert m["popular_baseline"]["precision@5"] > 0
     # model and baseline side by side, with the row counts and the model that made the tags
     assert f"model             precision@5 {m['precision@5']:.4f}  recall@5 {m['recall@5']:.4f}" in printed

@@ -92,5 +92,6 @@ def test_align_last_token_pooling_on_smollm2(smollm2_dir):
     texts = ["wireless earbuds", "wireless earbuds with case", "a history of rome"]
     emb = model.encode(texts, convert_to_numpy=True)
     assert emb.shape == (3, 576) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-4)
-    sims = emb @ emb.T
-    assert sims[0, 1] > sims[0, 2]  # pretrained states already place related product texts closer
+    alone = model.encode(texts[:1], convert_to_numpy=True)
+    assert np.allclose(alone[0], emb[0], atol=1e-4)  # the last real token is pooled, whatever the batch padding
+    assert float(emb[0] @ emb[1]) < 0.999  # different texts, different vectors

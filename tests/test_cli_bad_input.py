@@ -1,0 +1,222 @@
+"""Every command, fed bad input, fails the way the README promises: exit status 2, one line on stderr naming
+the file, line or key, no traceback.
+
+Four cases per command: a missing file, an empty file, a file of malformed rows, a wrong-typed key. The
+commands run in-process through `recforge.cli.main` (no model is trained or even loaded before the error,
+except cpt, which loads the tiny model first).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from recforge.cli import main
+from recforge.config import load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+CASES = ("missing", "empty", "malformed", "wrong_type")
+GARBAGE = b'this is not a row\n{"half": \n\xff\xfe\n'
+
+
+def recipe(path: str) -> str:
+    return str(REPO / path)
+
+
+def bad_file(tmp: Path, case: str, name: str) -> Path:
+    """missing: never written; empty: 0 bytes; malformed: every row unreadable."""
+    path = tmp / f"{case}_{name}"
+    if case == "empty":
+        path.write_bytes(b"")
+    elif case == "malformed":
+        path.write_bytes(GARBAGE)
+    return path
+
+
+def run_dir(tmp: Path, case: str) -> Path:
+    """A cpt/sft run folder for `publish`: missing, empty files, malformed manifest, wrong-typed config key."""
+    d = tmp / f"{case}_run"
+    if case == "missing":
+        return d
+    (d / "model").mkdir(parents=True)
+    manifest, config = {"empty": ("", ""), "malformed": ("{not json", "model: {path: x}\n"),
+                        "wrong_type": ('{"command": "cpt"}', "model: 3\n")}[case]
+    (d / "manifest.json").write_text(manifest)
+    (d / "resolved_config.yaml").write_text(config)
+    return d
+
+
+def generate_run(tmp: Path, case: str) -> Path:
+    """A generate output folder for `generate-export` / `eval tags`: missing, empty shard, garbage shard."""
+    d = tmp / f"{case}_gen"
+    if case in ("empty", "malformed"):
+        (d / "shards").mkdir(parents=True)
+        (d / "shards" / "part-00000.parquet").write_bytes(b"" if case == "empty" else GARBAGE)
+    return d
+
+
+def features_file(tmp: Path, tags_type: str) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp / f"features_{tags_type}.parquet"
+    tags = [["fiction"]] if tags_type == "list" else ["fiction"]
+    pq.write_table(pa.table({"entity_type": ["item"], "entity_id": ["4"], "tags": tags}), path)
+    return path
+
+
+def argv(command: str, case: str, tmp: Path, tiny: Path) -> tuple[list[str], str]:
+    """The command line for one case and the text its error line must contain (file, or key)."""
+    out = f"out_dir={tmp / 'out'}"
+    wrong = case == "wrong_type"
+
+    def with_file(base: list[str], key: str, name: str, wrong_key: str) -> tuple[list[str], str]:
+        if wrong:
+            return base + [f"{wrong_key}=lots"], wrong_key
+        path = bad_file(tmp, case, name)
+        return base + [f"{key}={path}"], path.name
+
+    if command == "data":
+        return with_file(["data", recipe("data_recipes/recipes/esci_search.yaml"), out], "inputs.items.path",
+                         "items.jsonl", "split.eval_percent.query")
+    if command == "cpt":
+        return with_file(["cpt", recipe("finetune/recipes/cpt_esci_tiny.yaml"), out, f"model.path={tiny}"],
+                         "data.train.esci.path", "corpus.parquet", "training.max_steps")
+    if command == "sft":
+        return with_file(["sft", recipe("finetune/recipes/sft_esci_relevance_tiny.yaml"), out, "model.path=unused"],
+                         "relevance.queries", "queries.jsonl", "max_new_tokens")
+    if command == "generate":
+        return with_file(["generate", "--no-progress", recipe("generate/recipes/goodbooks_tags.yaml"), out,
+                          f"model.name_or_path={tiny}"], "input.path", "books.jsonl", "chunk_size")
+    if command == "embed":
+        return with_file(["embed", recipe("align/recipes/embed_goodbooks.yaml"), out, "model=minilm"],
+                         "catalogue.path", "catalogue.jsonl", "batch_size")
+    if command == "align":
+        return with_file(["align", recipe("align/recipes/esci_minilm.yaml"), out], "data.esci.queries",
+                         "queries.jsonl", "train.batch_size")
+    if command == "eval retrieval":
+        return with_file(["eval", "retrieval", recipe("align/recipes/eval_esci.yaml"), out], "data.esci.queries",
+                         "queries.jsonl", "eval.batch_size")
+    if command == "eval ctr":
+        return with_file(["eval", "ctr", recipe("align/recipes/ctr_goodbooks.yaml"), out], "inputs.interactions.path",
+                         "ratings.jsonl", "train.batch_size")
+    if command == "export-features":
+        return with_file(["export-features", recipe("align/recipes/features_goodbooks_items.yaml"), out],
+                         "source.path", "books.jsonl", "embedding.batch_size")
+    if command == "publish":
+        d = run_dir(tmp, case)
+        needle = {"missing": d.name, "empty": "manifest.json", "malformed": "manifest.json", "wrong_type": "model"}[case]
+        return ["publish", str(d), "--out", str(tmp / "published")], needle
+    if command == "generate-export":
+        features_out = ["--out", str(tmp / "features.parquet")]
+        if wrong:  # a taxonomy map that is a list, not a mapping
+            (tmp / "map.yaml").write_text("- fantasy\n- fiction\n")
+            return ["generate-export", str(generate_run(tmp, "empty")), "--taxonomy-map", str(tmp / "map.yaml")] + features_out, "map.yaml"
+        d = generate_run(tmp, case)
+        return ["generate-export", str(d)] + features_out, d.name if case == "missing" else "part-00000.parquet"
+    if command == "eval tags":
+        if wrong:  # `tags` holds a string where a list of tags belongs
+            return ["eval", "tags", "--pred", str(features_file(tmp, "string"))], "tags"
+        if case == "missing":
+            return ["eval", "tags", "--pred", str(tmp / "missing.parquet")], "missing.parquet"
+        truth = bad_file(tmp, case, "truth.jsonl")  # a valid prediction file, a bad truth file
+        return ["eval", "tags", "--pred", str(features_file(tmp, "list")), "--truth", str(truth)], truth.name
+    raise AssertionError(command)
+
+
+COMMANDS = ["data", "cpt", "sft", "publish", "generate", "generate-export", "embed", "align", "eval retrieval",
+            "eval tags", "eval ctr", "export-features"]
+
+
+@pytest.mark.parametrize("command,case", [(c, k) for c in COMMANDS for k in CASES])
+def test_bad_input_is_one_line_exit_2_no_traceback(command, case, tmp_path, tiny_model_dir, capsys):
+    args, needle = argv(command, case, tmp_path, tiny_model_dir)
+    capsys.readouterr()
+    status = main(args)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert status == 2, err
+    assert "Traceback" not in err
+    assert len(lines) == 1 and lines[0].startswith("recforge: error: "), err
+    assert needle in lines[0], (needle, lines[0])
+
+
+def test_a_data_row_cannot_set_template_variables():
+    """A record holding fields named like the prompt's variables (`k`, `taxonomy`) does not change them."""
+    from recforge.prompts import load_prompt
+
+    t = load_prompt("interest_tags")
+    variables = {"k": 3, "taxonomy": ["fantasy", "fiction"]}
+    clean = t.render_user({"entity_type": "item", "title": "Dune"}, "b1", variables)
+    hostile = t.render_user({"entity_type": "item", "title": "Dune", "k": 99, "taxonomy": ["EVIL"], "show_taxonomy": False},
+                            "b1", variables)
+    assert hostile == clean
+    assert "3" in clean and "99" not in hostile and "EVIL" not in hostile and "fantasy" in hostile
+    # the spec defaults win over the record too, when the recipe sets nothing
+    assert t.render_user({"entity_type": "item", "title": "Dune", "k": 99}, "b1") == t.render_user(
+        {"entity_type": "item", "title": "Dune"}, "b1")
+    # and the output schema, built from the variables only, never from a record
+    assert t.output_for(variables).json_schema["properties"]["tags"]["maxItems"] == 3
+
+
+CONFIGS = {  # command -> (module, config class) of the recipe-driven commands
+    ("data",): ("recforge.data_recipes.recipe_config", "DataRecipe"), ("cpt",): ("recforge.finetune.cpt_config", "CPTConfig"),
+    ("sft",): ("recforge.finetune.sft_config", "SFTConfig"),
+    ("generate",): ("recforge.generate.generate_config", "GenerateConfig"),
+    ("align",): ("recforge.align.align_config", "AlignConfig"), ("embed",): ("recforge.align.align_config", "EmbedConfig"),
+    ("eval", "retrieval"): ("recforge.align.align_config", "RetrievalEvalConfig"),
+}
+
+
+def readme_commands() -> list[tuple[str, list[str]]]:
+    """(command line, argv after `recforge`) of every recipe-driven command in README.md's code blocks."""
+    import re
+    import shlex
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    found = []
+    for block in re.findall(r"```[^\n]*\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #")[0].strip()
+            if not re.match(r"^(\.venv/bin/)?recforge \w", line):
+                continue
+            found.append((line, shlex.split(line)[1:]))
+    return found
+
+
+def test_every_readme_command_overrides_keys_its_recipe_has():
+    """The README's commands, validated (not run): each `key=value` must be a key of the recipe's config."""
+    import importlib
+
+    from recforge.config import RecforgeError
+
+    commands = readme_commands()
+    assert len(commands) > 5
+    problems = []
+    for line, args in commands:
+        n = 2 if args[0] == "eval" else 1
+        spec = CONFIGS.get(tuple(args[:n]))
+        if spec is None or len(args) <= n or not args[n].endswith(".yaml"):
+            continue
+        model = getattr(importlib.import_module(spec[0]), spec[1])
+        overrides = [a for a in args[n + 1:] if "=" in a and not a.startswith("-")]
+        try:
+            load_recipe(model, REPO / args[n], overrides)
+        except RecforgeError as err:
+            if "unknown key" in str(err):
+                problems.append(f"{line}: {err}")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_corrected_readme_example_runs_and_the_old_key_is_refused(tmp_path, capsys):
+    """The README's first usage example with the recipe's real key (`inputs.items.path`) builds; the key the
+    README names (`inputs.products.path`) is refused with one line naming it."""
+    sample = str(REPO / "data_recipes/samples/esci_us_titles/products.jsonl.gz")
+    assert main(["data", recipe("data_recipes/recipes/esci_search.yaml"), f"out_dir={tmp_path}",
+                 f"inputs.items.path={sample}"]) == 0
+    capsys.readouterr()
+    assert main(["data", recipe("data_recipes/recipes/esci_search.yaml"), f"out_dir={tmp_path}",
+                 f"inputs.products.path={sample}"]) == 2
+    err = capsys.readouterr().err
+    assert "inputs.products" in err and len(err.strip().splitlines()) == 1
