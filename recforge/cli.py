@@ -21,7 +21,7 @@ STAGE_CLIS = (
     "recforge.finetune.cli",
     "recforge.generate.cli",
     "recforge.align.cli",
-    "recforge.align.ctr_cli",
+    "recforge.align.ctr.cli",
 )
 
 

@@ -6,10 +6,10 @@ import numpy as np
 import polars as pl
 import pytest
 
-from recforge.align.ctr_config import ModelConfig, TrainConfig
-from recforge.align.ctr_data import SampleArrays, apply_leakage_guard, build_ctr_data, user_history_texts
-from recforge.align.ctr_train import DenseInput, train_ctr
-from recforge.align.features import (
+from recforge.align.ctr.config import ModelConfig, TrainConfig
+from recforge.align.ctr.data import SampleArrays, apply_leakage_guard, build_ctr_data, user_history_texts
+from recforge.align.ctr.train import DenseInput, train_ctr
+from recforge.align.ctr.features import (
     FeatureContractError,
     FeatureExpectation,
     align_to_ids,
@@ -185,8 +185,8 @@ def test_movielens_recipe_skips_cleanly_where_the_data_is_absent(tmp_path, repo_
 def test_export_features_writes_a_table_a_job_can_check(tmp_path, minilm_dir):
     from sentence_transformers import SentenceTransformer
 
-    from recforge.align.ctr_config import ExportFeaturesRecipe
-    from recforge.align.ctr_run import run_export_features
+    from recforge.align.ctr.config import ExportFeaturesRecipe
+    from recforge.align.ctr.run import run_export_features
 
     catalogue = tmp_path / "books.csv"
     catalogue.write_text("book_id,title,authors\n1,Dune,Frank Herbert\n2,Emma,Jane Austen\n3,,\n", encoding="utf-8")

@@ -8,8 +8,8 @@ from recforge.cli import add_recipe_args
 
 
 def _eval_ctr(args: argparse.Namespace) -> int:
-    from recforge.align.ctr_config import CTRRecipe
-    from recforge.align.ctr_run import run_ctr
+    from recforge.align.ctr.config import CTRRecipe
+    from recforge.align.ctr.run import run_ctr
     from recforge.config import load_recipe
 
     run_ctr(load_recipe(CTRRecipe, args.recipe, args.overrides))
@@ -17,8 +17,8 @@ def _eval_ctr(args: argparse.Namespace) -> int:
 
 
 def _export_features(args: argparse.Namespace) -> int:
-    from recforge.align.ctr_config import ExportFeaturesRecipe
-    from recforge.align.ctr_run import run_export_features
+    from recforge.align.ctr.config import ExportFeaturesRecipe
+    from recforge.align.ctr.run import run_export_features
     from recforge.config import load_recipe
 
     run_export_features(load_recipe(ExportFeaturesRecipe, args.recipe, args.overrides))

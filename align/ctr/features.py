@@ -17,9 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -59,6 +60,8 @@ class FeatureExpectation:
     model_revision: str | None = None
     normalized: bool | None = None
     entity: str | None = None
+    # further contract keys that must match exactly (BAHE's cache: model fingerprint, lower_layers, pooling)
+    extra: tuple[tuple[str, Any], ...] = ()
 
 
 def write_feature_table(
@@ -138,6 +141,9 @@ def check_contract(contract: dict[str, Any], expect: FeatureExpectation, table: 
         problems.append(f"normalized={contract['normalized']} but the job expects normalized={expect.normalized}")
     if expect.entity is not None and contract["entity"] != expect.entity:
         problems.append(f"entity {contract['entity']!r} != expected {expect.entity!r}")
+    for key, value in expect.extra:
+        if contract.get(key) != value:
+            problems.append(f"{key} {contract.get(key)!r} != expected {value!r}")
     if problems:
         raise FeatureContractError(f"feature table {table} ({contract.get('version')}) does not match: " + "; ".join(problems))
 
@@ -194,3 +200,64 @@ def align_to_ids(table: str, ids: list[str], vectors: np.ndarray, needed: list[s
             out[row] = vectors[pos]
     unused = len(set(ids) - set(needed))
     return out, Coverage(table, len(needed), len(needed) - len(missing), missing, unused)
+
+
+# ------------------------------------------------------------------------- text -> vector caches (BAHE, LARR)
+
+TEXT_NORMALISATION = "nfkc-whitespace-v1"
+
+
+def normalise_text(text: str) -> str:
+    """NFKC, whitespace collapsed. Case is kept: it carries meaning for an LLM, and the normalised text is
+    what gets encoded, so one key always means one vector."""
+    return " ".join(unicodedata.normalize("NFKC", text).split())
+
+
+def text_key(text: str) -> str:
+    return hashlib.blake2b(normalise_text(text).encode(), digest_size=16).hexdigest()
+
+
+def cached_text_vectors(
+    table_dir: str | Path,
+    *,
+    name: str,
+    entity: str,
+    texts: list[str],
+    contract: dict[str, Any],
+    model: str,
+    dimension: int,
+    encode: Callable[[list[str]], np.ndarray],
+    config_key: str,
+) -> tuple[dict[str, int], np.ndarray, dict[str, Any]]:
+    """Vectors of distinct normalised texts from a feature table keyed by `text_key`, encoding only what is new.
+
+    `contract` (model fingerprint, layers, pooling, ...) must match the stored table's exactly: a table of
+    another model or setting is refused, naming the key that differs, never mixed or silently rebuilt.
+    Returns ({text key: row}, vectors, what was reused / encoded).
+    """
+    wanted: dict[str, str] = {}
+    for text in texts:
+        wanted.setdefault(text_key(text), normalise_text(text))
+    contract = {**contract, "text_normalisation": TEXT_NORMALISATION}
+    table_dir = Path(table_dir)
+    ids: list[str] = []
+    vectors = np.zeros((0, dimension), np.float32)
+    if (table_dir / CONTRACT_FILE).is_file():
+        expect = FeatureExpectation(dimension=dimension, normalized=False, entity=entity, extra=tuple(contract.items()))
+        try:
+            ids, vectors, _ = load_feature_table(table_dir, expect)
+        except FeatureContractError as err:
+            raise FeatureContractError(f"{config_key}: {err}; delete it or point {config_key} elsewhere to rebuild") from None
+    have = set(ids)
+    missing = [k for k in wanted if k not in have]
+    started = time.time()
+    if missing:
+        new = np.asarray(encode([wanted[k] for k in missing]), dtype=np.float32)
+        ids, vectors = ids + missing, np.vstack([vectors, new])
+        written = write_feature_table(table_dir, name=name, entity=entity, ids=ids, vectors=vectors, model=model,
+                                      normalized=False, source_hashes={}, extra=contract)
+    else:
+        written = read_contract(table_dir)
+    info = {"table": str(table_dir), "version": written["version"], "distinct_texts": len(wanted),
+            "encoded": len(missing), "reused": len(wanted) - len(missing), "encode_seconds": round(time.time() - started, 2)}
+    return {k: i for i, k in enumerate(ids)}, vectors, info

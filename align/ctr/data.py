@@ -59,12 +59,14 @@ class SampleArrays:
     history: np.ndarray  # (B, L) item indices of preceding events, most recent last, 0-padded on the left
     history_rating: np.ndarray  # (B, L) rating bucket of those events (0 = padding)
     label: np.ndarray  # (B,) float32 0/1
+    timestamp: np.ndarray | None = None  # (B,) float64 event time (LARR's time-context feature); NaN where absent
 
     def __len__(self) -> int:
         return len(self.label)
 
     def take(self, idx: np.ndarray) -> "SampleArrays":
-        return SampleArrays(self.user_ids[idx], self.target[idx], self.history[idx], self.history_rating[idx], self.label[idx])
+        ts = self.timestamp[idx] if self.timestamp is not None else None
+        return SampleArrays(self.user_ids[idx], self.target[idx], self.history[idx], self.history_rating[idx], self.label[idx], ts)
 
 
 @dataclass
@@ -109,6 +111,7 @@ def build_ctr_data(
     is_prompt = guarded["is_prompt"].to_numpy()
     users = guarded["user_id"].to_numpy().astype(object)
     labels = (guarded["label"].to_numpy() >= positive_threshold).astype(np.float32)
+    times = guarded["timestamp"].cast(pl.Float64).fill_null(float("nan")).to_numpy()
 
     # History of the event at global row r: rows r-L .. r-1 of the same user (rows are user-contiguous).
     rows = np.flatnonzero(~is_prompt)
@@ -120,7 +123,7 @@ def build_ctr_data(
 
     user_split = assign_user_splits(sorted(set(users[rows])), test_fraction, valid_fraction, salt)
     split_of_row = np.array([user_split[u] for u in users[rows]], dtype=object)
-    all_samples = SampleArrays(users[rows], item_idx[rows], history, history_rating, labels[rows])
+    all_samples = SampleArrays(users[rows], item_idx[rows], history, history_rating, labels[rows], times[rows])
     splits = {name: all_samples.take(np.flatnonzero(split_of_row == name)) for name in ("train", "valid", "test")}
 
     stats.update({
@@ -131,6 +134,13 @@ def build_ctr_data(
         "users_per_split": {k: int(len(set(v.user_ids))) for k, v in splits.items()},
     })
     return CTRData(item_ids, splits, guarded.filter(pl.col("is_prompt")), stats)
+
+
+def subsample(split: SampleArrays, n: int | None, seed: int) -> SampleArrays:
+    """A fixed random subset of `n` rows (all rows when n is None or not smaller), in the original order."""
+    if n is None or n >= len(split):
+        return split
+    return split.take(np.sort(np.random.default_rng(seed).choice(len(split), size=n, replace=False)))
 
 
 class _Blank(dict):

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from recforge.align.ctr_config import CTRRecipe, EmbeddingConfig, ExportFeaturesRecipe
-from recforge.align.ctr_data import build_ctr_data, item_texts, render_template, user_history_texts
-from recforge.align.ctr_train import DenseInput, train_ctr
-from recforge.align.features import FeatureExpectation, align_to_ids, load_feature_table, write_feature_table
+from recforge.align.ctr.config import CTRRecipe, EmbeddingConfig, ExportFeaturesRecipe
+from recforge.align.ctr.data import build_ctr_data, item_texts, render_template, user_history_texts
+from recforge.align.ctr.train import DenseInput, train_ctr
+from recforge.align.ctr.features import FeatureExpectation, align_to_ids, load_feature_table, write_feature_table
 from recforge.config import RecforgeError
 from recforge.data_recipes.readers import RejectLog, read_interactions, read_items
 from recforge.io import atomic_write_json, atomic_write_text, resolve_path, sha256_file
@@ -61,7 +61,7 @@ class TextEncoder:
                                    extra={"text_sha256": _texts_hash(texts), "max_seq_length": self.model.max_seq_length})
 
     def cached_table(self, out_dir: Path, texts: dict[str, str]) -> dict | None:
-        from recforge.align.features import CONTRACT_FILE, model_revision
+        from recforge.align.ctr.features import CONTRACT_FILE, model_revision
 
         path = Path(out_dir) / CONTRACT_FILE
         if not path.is_file():
@@ -182,7 +182,8 @@ def markdown_table(rows: list[dict], title: str) -> str:
     lines = [f"### {title}", "", "| variant | adaptor | seeds | AUC (mean ± sd) | logloss (mean ± sd) | ΔAUC vs IDs-only (mean ± sd) |",
              "|---|---|---:|---:|---:|---:|"]
     for r in rows:
-        delta = "—" if r["variant"] == "ids_only" else f"{r['delta_auc_mean']:+.4f} ± {r['delta_auc_std']:.4f}"
+        no_delta = r["variant"] == "ids_only" or r["delta_auc_mean"] is None  # IDs-only is the base, or was not run
+        delta = "—" if no_delta else f"{r['delta_auc_mean']:+.4f} ± {r['delta_auc_std']:.4f}"
         lines.append(f"| {r['variant']} | {r['adaptor']} | {r['seeds']} | {r['auc_mean']:.4f} ± {r['auc_std']:.4f} | "
                      f"{r['logloss_mean']:.4f} ± {r['logloss_std']:.4f} | {delta} |")
     return "\n".join(lines) + "\n"
@@ -211,6 +212,36 @@ def plot_auc(rows: list[dict], path: Path, title: str) -> None:
     with_tmp.replace(path)
 
 
+def read_inputs(cfg: CTRRecipe, rejects_path: Path | None, run: RunRecorder | None = None):
+    """The recipe's interactions, items and (optional) user profiles, bad rows quarantined -> (events, items, profiles)."""
+    rejects = RejectLog(rejects_path)
+    events = read_interactions(cfg.inputs.interactions, rejects, "inputs.interactions")
+    items = read_items(cfg.inputs.items, rejects, "inputs.items")
+    profiles = users = None
+    if cfg.inputs.users is not None:
+        users = read_items(cfg.inputs.users, rejects, "inputs.users")  # a profile is an Item-shaped record
+        profiles = {u.item_id: dict(u.fields) for u in users}
+    rejects.close()
+    if run is not None:
+        run.add_input(cfg.inputs.interactions.path, "interactions", rows=events.height)
+        run.add_input(cfg.inputs.items.path, "items", rows=len(items))
+        if users is not None:
+            run.add_input(cfg.inputs.users.path, "users", rows=len(users))
+        run.rejects.update(rejects.counts)
+    return events, items, profiles
+
+
+def ctr_data(cfg: CTRRecipe, events, items):
+    """Guarded, user-split samples (the one split every CTR variant uses), subsampled where the recipe asks."""
+    data = build_ctr_data(events, items, positive_threshold=cfg.labels.positive_threshold,
+                          max_prompt_items=cfg.guard.max_prompt_items, history_length=cfg.model.history_length,
+                          test_fraction=cfg.split.test_fraction, valid_fraction=cfg.split.valid_fraction, salt=cfg.split.salt)
+    limit_samples(data, cfg.train)
+    if min(len(s) for s in data.splits.values()) == 0:
+        raise RecforgeError(f"{cfg.name}: a split has no samples ({data.stats['samples']}); too few users or events")
+    return data
+
+
 def run_ctr(cfg: CTRRecipe) -> dict[str, Any]:
     out = Path(cfg.out_dir)
     missing = _missing_inputs(cfg)
@@ -219,27 +250,64 @@ def run_ctr(cfg: CTRRecipe) -> dict[str, Any]:
         print(f"[{cfg.name}] skipped: {report['reason']}")
         return report
     run = RunRecorder(out, "eval ctr", cfg, seed=cfg.seeds[0] if cfg.seeds else None)
-    rejects = RejectLog(out / "rejects.jsonl")
-    events = read_interactions(cfg.inputs.interactions, rejects, "inputs.interactions")
-    items = read_items(cfg.inputs.items, rejects, "inputs.items")
-    run.add_input(cfg.inputs.interactions.path, "interactions", rows=events.height)
-    run.add_input(cfg.inputs.items.path, "items", rows=len(items))
-    profiles = None
-    if cfg.inputs.users is not None:
-        users = read_items(cfg.inputs.users, rejects, "inputs.users")  # a profile is an Item-shaped record
-        profiles = {u.item_id: dict(u.fields) for u in users}
-        run.add_input(cfg.inputs.users.path, "users", rows=len(users))
-    rejects.close()
-    run.rejects.update(rejects.counts)
-
-    data = build_ctr_data(events, items, positive_threshold=cfg.labels.positive_threshold,
-                          max_prompt_items=cfg.guard.max_prompt_items, history_length=cfg.model.history_length,
-                          test_fraction=cfg.split.test_fraction, valid_fraction=cfg.split.valid_fraction, salt=cfg.split.salt)
-    if min(len(s) for s in data.splits.values()) == 0:
-        raise RecforgeError(f"{cfg.name}: a split has no samples ({data.stats['samples']}); too few users or events")
+    events, items, profiles = read_inputs(cfg, out / "rejects.jsonl", run)
+    data = ctr_data(cfg, events, items)
     print(f"[{cfg.name}] samples {data.stats['samples']}, prompt-only events {data.stats['prompt_only_events']}")
-    dense, feature_report = build_dense_inputs(cfg, data, items, profiles, run, out)
 
+    def log(result: dict) -> None:
+        print(f"[{cfg.name}] {result['variant']:<16} {result['adaptor'] or '-':<4} seed {result['seed']}: AUC "
+              f"{result['test_auc']:.4f} logloss {result['test_logloss']:.4f} (best epoch {result['best_epoch']})")
+
+    by_id = {i.item_id: i for i in items}
+    if cfg.model.backbone in ("bahe", "llm_ctr"):
+        from recforge.align.ctr.bahe import run_bahe_variants
+
+        results, feature_report = run_bahe_variants(cfg, data, by_id, out, log)
+        order = ["ids_only", "bahe", "llm_ctr"]
+    elif cfg.model.scene == "larr":
+        from recforge.align.ctr.larr import run_larr_variants
+
+        results, feature_report = run_larr_variants(cfg, data, by_id, profiles, out, log)
+        order = list(cfg.model.larr.variants)
+    else:
+        results, feature_report = run_text_variants(cfg, data, items, profiles, run, out, log)
+        order = list(cfg.variants)
+    rows = summarise(results, order)
+    title = f"{cfg.name}: {_model_name(cfg)} test AUC by variant"
+    table = markdown_table(rows, title)
+    report = {"name": cfg.name, "status": "done", "backbone": cfg.model.backbone, "data": data.stats,
+              "features": feature_report, "summary": rows, "runs": results}
+    atomic_write_json(out / "report.json", report)
+    atomic_write_text(out / "report.md", table)
+    plot_auc(rows, out / "auc.png", title)
+    run.add_output("report", out / "report.json")
+    run.extra.update({"ctr_data": data.stats, "features": feature_report})
+    run.finish()
+    print(table)
+    return report
+
+
+def limit_samples(data, train_cfg) -> None:
+    """`train.max_train_samples` / `max_eval_samples`: fixed random subsets, so LLM backbones fit a few cores."""
+    from recforge.align.ctr.data import subsample
+
+    limits = {"train": train_cfg.max_train_samples, "valid": train_cfg.max_eval_samples, "test": train_cfg.max_eval_samples}
+    if all(v is None for v in limits.values()):
+        return
+    data.stats["samples_before_subsampling"] = {k: len(v) for k, v in data.splits.items()}
+    data.splits = {k: subsample(v, limits[k], seed=len(k)) for k, v in data.splits.items()}
+    data.stats["samples"] = {k: len(v) for k, v in data.splits.items()}
+
+
+def _model_name(cfg: CTRRecipe) -> str:
+    if cfg.model.backbone in ("bahe", "llm_ctr"):
+        return f"{cfg.model.backbone.upper()} ({cfg.model.head.upper()} head)"
+    return cfg.model.backbone.upper() + (" + LARR scene" if cfg.model.scene == "larr" else "")
+
+
+def run_text_variants(cfg: CTRRecipe, data, items, profiles, run: RunRecorder, out: Path, log) -> tuple[list[dict], dict]:
+    """The text / knowledge variants: MiniLM feature tables through the KAR and the MLP adaptor."""
+    dense, feature_report = build_dense_inputs(cfg, data, items, profiles, run, out)
     results = []
     for variant, inputs in cfg.variants.items():
         absent = [i for i in inputs if i not in dense]
@@ -252,21 +320,8 @@ def run_ctr(cfg: CTRRecipe) -> dict[str, Any]:
                 result = train_ctr(data.splits, len(data.item_ids), [dense[i] for i in inputs], cfg.model, cfg.train, adaptor, seed)
                 result["variant"] = variant
                 results.append(result)
-                print(f"[{cfg.name}] {variant:<16} {adaptor or '-':<4} seed {seed}: AUC {result['test_auc']:.4f} "
-                      f"logloss {result['test_logloss']:.4f} (best epoch {result['best_epoch']})")
-    rows = summarise(results, cfg.variants)
-    title = f"{cfg.name}: {cfg.model.backbone.upper()} test AUC by variant"
-    table = markdown_table(rows, title)
-    report = {"name": cfg.name, "status": "done", "backbone": cfg.model.backbone, "data": data.stats,
-              "features": feature_report, "summary": rows, "runs": results}
-    atomic_write_json(out / "report.json", report)
-    atomic_write_text(out / "report.md", table)
-    plot_auc(rows, out / "auc.png", title)
-    run.add_output("report", out / "report.json")
-    run.extra.update({"ctr_data": data.stats, "features": feature_report})
-    run.finish()
-    print(table)
-    return report
+                log(result)
+    return results, feature_report
 
 
 def run_export_features(cfg: ExportFeaturesRecipe) -> dict:

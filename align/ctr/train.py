@@ -10,15 +10,16 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
 from sklearn.metrics import log_loss, roc_auc_score
+from tqdm.auto import tqdm
 
-from recforge.align.ctr_config import ModelConfig, TrainConfig
-from recforge.align.ctr_data import SampleArrays
-from recforge.align.ctr_models import CTRModel
+from recforge.align.ctr.config import ModelConfig, TrainConfig
+from recforge.align.ctr.data import SampleArrays
+from recforge.align.ctr.models import CTRModel
 
 
 @dataclass
@@ -69,6 +70,19 @@ def train_ctr(
     seed: int,
 ) -> dict:
     """Train on `train`, early-stop on `valid` AUC, report `test` metrics of the best epoch."""
+    return train_ctr_model(splits, n_items, dense, model_cfg, train_cfg, adaptor, seed)[1]
+
+
+def train_ctr_model(
+    splits: dict[str, SampleArrays],
+    n_items: int,
+    dense: list[DenseInput],
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    adaptor: str | None,
+    seed: int,
+) -> tuple[CTRModel, dict]:
+    """`train_ctr`, also returning the trained model (LARR aligns to an IDs-only model's collaborative vectors)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     if train_cfg.num_threads:
@@ -77,25 +91,62 @@ def train_ctr(
     mats = [torch.from_numpy(np.ascontiguousarray(d.matrix, dtype=np.float32)) for d in dense]
     optim = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     loss_fn = torch.nn.BCEWithLogitsLoss()
-    train = splits["train"]
-    (target, history, rating, label), rows = _tensors(train, dense)
+    (target, history, rating, label), rows = _tensors(splits["train"], dense)
 
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        logits = model(target[idx], history[idx], rating[idx], [m[r[idx]] for m, r in zip(mats, rows)])
+        return loss_fn(logits, label[idx])
+
+    fitted = fit(model, optim, len(splits["train"]), batch_loss,
+                 lambda: predict(model, splits["valid"], dense, mats, 8192), splits["valid"].label, train_cfg, rng)
+    test = metrics(splits["test"].label, predict(model, splits["test"], dense, mats, 8192))
+    return model, {"seed": seed, "adaptor": adaptor, "dense_inputs": [d.name for d in dense], **fitted.result(test)}
+
+
+@dataclass
+class Fitted:
+    best_epoch: int
+    valid_auc: float
+    epochs: list[dict]
+    seconds: float
+
+    def result(self, test: dict[str, float]) -> dict:
+        return {"best_epoch": self.best_epoch, "valid_auc": self.valid_auc, "test_auc": test["auc"],
+                "test_logloss": test["logloss"], "epochs": self.epochs, "train_seconds": round(self.seconds, 2)}
+
+
+def fit(
+    model: torch.nn.Module,
+    optim: torch.optim.Optimizer,
+    n_train: int,
+    batch_loss: Callable[[torch.Tensor], torch.Tensor],
+    valid_probs: Callable[[], np.ndarray],
+    valid_labels: np.ndarray,
+    train_cfg: TrainConfig,
+    rng: np.random.Generator,
+    progress: bool = False,
+) -> Fitted:
+    """The epoch loop every CTR model shares: shuffled batches, AdamW, early stopping on validation AUC.
+
+    `batch_loss(idx)` is the loss of the training rows `idx` (BCE, plus LARR's alignment term); the model
+    ends on its best epoch's weights.
+    """
     best_auc, best_state, best_epoch, stale, history_log = -1.0, None, -1, 0, []
     started = time.time()
     for epoch in range(train_cfg.max_epochs):
         model.train()
-        order = torch.from_numpy(rng.permutation(len(train)))
+        order = torch.from_numpy(rng.permutation(n_train))
         total = 0.0
-        for start in range(0, len(train), train_cfg.batch_size):
+        starts = range(0, n_train, train_cfg.batch_size)
+        for start in tqdm(starts, desc=f"epoch {epoch}", leave=False) if progress else starts:
             idx = order[start : start + train_cfg.batch_size]
-            logits = model(target[idx], history[idx], rating[idx], [m[r[idx]] for m, r in zip(mats, rows)])
-            loss = loss_fn(logits, label[idx])
+            loss = batch_loss(idx)
             optim.zero_grad()
             loss.backward()
             optim.step()
             total += loss.item() * len(idx)
-        valid = metrics(splits["valid"].label, predict(model, splits["valid"], dense, mats, 8192))
-        history_log.append({"epoch": epoch, "train_loss": total / len(train), "valid_auc": valid["auc"]})
+        valid = metrics(valid_labels, valid_probs())
+        history_log.append({"epoch": epoch, "train_loss": total / n_train, "valid_auc": valid["auc"]})
         if valid["auc"] > best_auc + 1e-5:
             best_auc, best_state, best_epoch, stale = valid["auc"], copy.deepcopy(model.state_dict()), epoch, 0
         else:
@@ -103,15 +154,4 @@ def train_ctr(
             if stale >= train_cfg.patience:
                 break
     model.load_state_dict(best_state)
-    test = metrics(splits["test"].label, predict(model, splits["test"], dense, mats, 8192))
-    return {
-        "seed": seed,
-        "adaptor": adaptor,
-        "dense_inputs": [d.name for d in dense],
-        "best_epoch": best_epoch,
-        "valid_auc": best_auc,
-        "test_auc": test["auc"],
-        "test_logloss": test["logloss"],
-        "epochs": history_log,
-        "train_seconds": round(time.time() - started, 2),
-    }
+    return Fitted(best_epoch, best_auc, history_log, time.time() - started)

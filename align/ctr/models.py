@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from recforge.align.ctr_config import ModelConfig
+from recforge.align.ctr.config import ModelConfig
 
 
 def mlp(sizes: list[int], final_activation: bool = True) -> nn.Sequential:
@@ -79,7 +79,8 @@ class CTRModel(nn.Module):
     def __init__(self, cfg: ModelConfig, n_items: int, dense_dims: list[int], adaptor: str | None):
         super().__init__()
         d = cfg.embed_dim
-        self.backbone = cfg.backbone
+        # BAHE / LLM-CTR put an LLM tower in front of the same DIN or DCN head (`model.head`)
+        self.backbone = cfg.backbone if cfg.backbone in ("din", "dcn") else cfg.head
         self.item_emb = nn.Embedding(n_items + 1, d, padding_idx=0)
         self.rating_emb = nn.Embedding(11, d, padding_idx=0)
         # Small init (as CTR libraries do): an item never seen in training then stays near zero
@@ -96,7 +97,7 @@ class CTRModel(nn.Module):
         else:
             raise ValueError(f"unknown adaptor {adaptor!r}")
         width = 2 * d + len(dense_dims) * cfg.adaptor_dim
-        if cfg.backbone == "din":
+        if self.backbone == "din":
             self.attention = TargetAttention(d)
             self.head = nn.Sequential(mlp([width, *cfg.mlp_hidden]), nn.Linear(cfg.mlp_hidden[-1], 1))
         else:  # DCN-v2: full-rank cross layers next to a deep tower
@@ -105,16 +106,23 @@ class CTRModel(nn.Module):
             self.head = nn.Linear(width + cfg.mlp_hidden[-1], 1)
 
     def forward(self, target, history, history_rating, dense: list[torch.Tensor]) -> torch.Tensor:
+        return self.logits_and_collaborative(target, history, history_rating, dense)[0]
+
+    def logits_and_collaborative(self, target, history, history_rating, dense: list[torch.Tensor]):
+        """The click logit and the collaborative (ID) representation [target item; pooled history], 2 x embed_dim.
+
+        LARR aligns its scene vector with the second; `forward` is the first alone.
+        """
         t = self.item_emb(target)
         h = self.item_emb(history) + self.rating_emb(history_rating)
         mask = (history > 0).float()
         extras = self.adaptor(dense) if self.adaptor is not None else []
         if self.backbone == "din":
             pooled = self.attention(h, t, mask)
-            return self.head(torch.cat([t, pooled, *extras], dim=-1)).squeeze(-1)
+            return self.head(torch.cat([t, pooled, *extras], dim=-1)).squeeze(-1), torch.cat([t, pooled], dim=-1)
         pooled = (h * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
         x0 = torch.cat([t, pooled, *extras], dim=-1)
         x = x0
         for layer in self.cross:
             x = x0 * layer(x) + x
-        return self.head(torch.cat([x, self.deep(x0)], dim=-1)).squeeze(-1)
+        return self.head(torch.cat([x, self.deep(x0)], dim=-1)).squeeze(-1), torch.cat([t, pooled], dim=-1)
