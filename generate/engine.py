@@ -70,6 +70,7 @@ class GenerationResult:
     completions: list[Completion] = field(default_factory=list)
     prompt_tokens: int = 0
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens served from the engine's prefix cache (vLLM; 0 elsewhere)
 
     @property
     def ok(self) -> bool:

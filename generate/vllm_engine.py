@@ -261,6 +261,7 @@ class VLLMEngine:
             if len(completions) < requests[i].sampling.n:  # greedy n > 1: copies of the one answer
                 completions = completions * requests[i].sampling.n
             results[i].completions = completions
+            results[i].cached_tokens = int(getattr(out, "num_cached_tokens", 0) or 0)
         return results
 
     def prefix_cache_stats(self) -> dict[str, int]:

@@ -151,11 +151,11 @@ def test_vllm_prefix_cache_serves_a_shared_instruction(engine_cache, model):
     engine = engine_cache.get("vllm", model)
     system = "You tag books for a library catalogue. Answer with three lowercase genre tags. " * 30
     prompts = [engine.render_chat([{"role": "system", "content": system}, {"role": "user", "content": f"book {i}"}]) for i in range(4)]
-    before = engine.prefix_cache_stats()
+    engine.llm.reset_prefix_cache()  # whatever earlier tests left in the cache
     engine.generate([GenerationRequest("warm", prompts[0], Sampling(max_tokens=2))])
-    engine.generate([GenerationRequest(str(i), p, Sampling(max_tokens=2)) for i, p in enumerate(prompts[1:])])
-    after = engine.prefix_cache_stats()
-    block = after["block_size"]
+    results = engine.generate([GenerationRequest(str(i), p, Sampling(max_tokens=2)) for i, p in enumerate(prompts[1:])])
+    block = engine.prefix_cache_stats()["block_size"]
     shared_blocks = (engine.count_tokens(prompts[0]) - 10) // block  # the user turns differ only at the end
     assert shared_blocks >= 1
-    assert after["cached_tokens"] - before["cached_tokens"] == 3 * shared_blocks * block
+    # Only whole blocks of the shared prefix are reused (the last, partly shared block is recomputed).
+    assert [r.cached_tokens for r in results] == [shared_blocks * block] * 3
