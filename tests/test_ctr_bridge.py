@@ -17,6 +17,7 @@ from recforge.align.ctr.features import (
     write_feature_table,
 )
 from recforge.records import Item
+from recforge.splits import SplitRule
 
 
 def synthetic_splits(n_items=200, n_users=1000, per_user=10, dim=16, seed=0):
@@ -72,7 +73,7 @@ def test_leakage_guard_on_a_hand_made_user():
 
     items = [Item(f"i{k}", {"title": f"Book {k}"}) for k in range(10)]
     data = build_ctr_data(events, items, positive_threshold=4, max_prompt_items=30, history_length=5,
-                          test_fraction=0.0, valid_fraction=0.0, salt="s")
+                          rule=SplitRule.uniform(0), valid_percent=0)  # every user trains
     train = data.splits["train"]
     u1_rows = np.flatnonzero(train.user_ids == "u1")
     index = data.item_index
@@ -167,8 +168,39 @@ def test_eval_ctr_end_to_end_on_a_slice_of_the_shipped_ratings(tmp_path, repo_ro
     assert "ΔAUC vs IDs-only" in (out_dir / "report.md").read_text() and (out_dir / "auc.png").stat().st_size > 5000
     manifest = json.loads((out_dir / "manifest.json").read_text())
     assert manifest["rejects"]["by_reason"] == {"wrong_type": 1}
+    # the user split is the project rule's, recorded in the manifest and named in the report
+    assert manifest["split_rule"] == {"source": "recipe", **SplitRule().model_dump()}
+    assert report["data"]["user_split"]["test"] == "sha256('' + 'user:<id>') % 100 < 10"
     _, vecs, contract = load_feature_table(out_dir / "features" / "item_text", FeatureExpectation(dimension=384, normalized=True))
     assert contract["rows"] == 399 and np.allclose(np.linalg.norm(vecs, axis=1), 1, atol=1e-4)
+
+
+def test_ctr_test_users_are_the_shared_rules_held_out_users(repo_root):
+    """The CTR bridge's test users are `is_eval("user", id)` of the `split:` rule every stage shares (the users
+    data_recipes holds out); validation is the next `valid_percent` buckets; a recipe override moves both."""
+    from recforge.align.ctr.config import CTRRecipe
+    from recforge.align.ctr.run import ctr_data, read_inputs
+    from recforge.config import RecforgeError, load_recipe
+    from recforge.splits import bucket, is_eval
+
+    recipe = repo_root / "align/recipes/ctr_goodbooks.yaml"
+    cfg = load_recipe(CTRRecipe, recipe)
+    events, items, _ = read_inputs(cfg, None)
+    users_of = lambda data, name: set(data.splits[name].user_ids.tolist())  # noqa: E731
+    data = ctr_data(cfg, events, items)
+    users = set().union(*(users_of(data, s) for s in ("train", "valid", "test")))
+    assert len(users) > 100
+    assert users_of(data, "test") == {u for u in users if is_eval("user", u)}  # the default rule: 10 %
+    assert users_of(data, "valid") == {u for u in users if 10 <= bucket("user", u) < 20}
+
+    wide = load_recipe(CTRRecipe, recipe, ["split.eval_percent.user=30"])
+    moved = ctr_data(wide, events, items)
+    assert users_of(moved, "test") == {u for u in users if is_eval("user", u, wide.split)}
+    assert users_of(moved, "test") > users_of(data, "test")  # 30 % of the users now, the 10 % among them
+    assert users_of(moved, "valid") == {u for u in users if 30 <= bucket("user", u) < 40}
+    assert moved.stats["user_split"]["test"] == "sha256('' + 'user:<id>') % 100 < 30"
+    with pytest.raises(RecforgeError, match="over 100"):
+        load_recipe(CTRRecipe, recipe, ["split.eval_percent.user=95"])
 
 
 def test_movielens_recipe_skips_cleanly_where_the_data_is_absent(tmp_path, repo_root):

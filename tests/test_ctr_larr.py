@@ -50,6 +50,7 @@ def test_aggregator_shapes_agg_token_and_masking():
 def test_scene_texts_on_a_hand_made_movielens_user():
     from recforge.align.ctr.data import build_ctr_data
     from recforge.records import Item
+    from recforge.splits import SplitRule
 
     # 2024-01-02 is a Tuesday; 14:00 UTC
     t0 = 1704204000
@@ -58,7 +59,7 @@ def test_scene_texts_on_a_hand_made_movielens_user():
                                         "label": pl.Float64, "line": pl.Int64}, orient="row")
     items = [Item(f"m{k}", {"title": f"Movie {k}", "genres": ["Drama", "War"]}) for k in range(8)]
     data = build_ctr_data(events, items, positive_threshold=4, max_prompt_items=30, history_length=5,
-                          test_fraction=0.0, valid_fraction=0.0, salt="s")
+                          rule=SplitRule.uniform(0), valid_percent=0)  # every user trains
     cfg = LARRConfig(profile_template="A {age}-year-old, zip {zip_prefix}", time_template="{weekday}, {hour}:00",
                      item_template="{title}. Genres: {genres}", recent_items=2)
     profiles = {"u1": {"age": 24, "zip_code": "43537"}}

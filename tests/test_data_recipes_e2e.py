@@ -12,7 +12,8 @@ import pytest
 
 from recforge.cli import main
 
-RECIPES = Path(__file__).resolve().parents[1] / "data_recipes" / "recipes"
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "data_recipes" / "recipes"
 
 
 def load_split(out: Path, corpus: str, split: str):
@@ -28,11 +29,21 @@ def test_esci_recipe_builds_search_corpora_loadable_by_datasets(tmp_path, capsys
     manifest = json.loads((out / "manifest.json").read_text())
     assert (out / "resolved_config.yaml").is_file()
     assert manifest["special_tokens"] == ["<|endofpiece|>", "<|startofpiece|>"]
-    assert set(manifest["corpora"]) == {"items", "queries", "query_item", "in_context", "pairs"}
+    assert set(manifest["corpora"]) == {"items", "queries", "query_item", "in_context", "pairs", "replay"}
+    # the general-text replay corpus keeps both sides of the project's `doc` split: CPT replays its train rows
+    # and tracks general-text perplexity on the held-out ones
+    from recforge.splits import split_of
+
+    replay = manifest["corpora"]["replay"]["rows"]
+    ids = [json.loads(line)["doc_id"] for line in
+           (REPO / "data_recipes/samples/general_text_replay/general_text.jsonl").read_text().splitlines()]
+    assert replay == {"train": sum(split_of("doc", i) == "train" for i in ids),
+                      "eval": sum(split_of("doc", i) == "eval" for i in ids)}
+    assert replay["eval"] > 0
     assert manifest["skipped"]["reading"] == "no inputs.features"
     assert manifest["splits"]["leakage_ok"] is True
     assert manifest["rejects"]["total"] == 0
-    assert {i["name"]: i["rows"] for i in manifest["inputs"]} == {"items": 431, "queries": 350, "judgments": 790}
+    assert {i["name"]: i["rows"] for i in manifest["inputs"]} == {"items": 431, "queries": 350, "judgments": 790, "replay": 50}
 
     items = load_split(out, "items", "train")
     assert items.num_rows == manifest["corpora"]["items"]["rows"]["train"]

@@ -251,3 +251,36 @@ def test_eval_tags_cli_on_a_run(finished_run, tiny_model_dir, tmp_path, capsys):
     assert m["output_rows"] + m["failed_rows"] == 12
     assert f"{m['output_rows']} generated, {m['failed_rows']} failed (of 12 inputs)" in printed
     assert m["model_used"]["name_or_path"] == str(tiny_model_dir) and m["model_used"]["note"] is None
+
+
+def test_a_recipe_split_override_picks_the_heldout_books_and_is_recorded(tiny_model_dir, tmp_path):
+    """`split.eval_percent.book=50`: `input.split: heldout` keeps exactly the books the shared rule holds out;
+    the manifest and fingerprint record the rule, and `eval tags` scores the run against the same held-out books."""
+    from recforge.generate.runner import read_records
+    from recforge.generate.tag_eval import read_truth
+    from recforge.splits import SplitRule, describe, is_eval
+
+    items = write_items(tmp_path / "items.jsonl", 40)  # ids 1..40: goodbooks ids, with real shelf tags
+    path = recipe(tmp_path, tiny_model_dir, items, **{"input.split": "heldout", "sampling.max_tokens": 4})
+    rule = SplitRule(eval_percent={"book": 50})
+    cfg = load_recipe(GenerateConfig, path, ["split.eval_percent.book=50"])
+    assert cfg.split == rule
+    want = [str(b) for b in range(1, 41) if is_eval("book", b, rule)]
+    assert [i for i, _ in read_records(cfg, tmp_path / "rejects.jsonl")] == want and 10 < len(want) < 30
+    default = [i for i, _ in read_records(load_recipe(GenerateConfig, path), tmp_path / "rejects.jsonl")]
+    assert default == [str(b) for b in range(1, 41) if is_eval("book", b)] and set(default) < set(want)
+
+    out = tmp_path / "out"
+    assert main(["generate", str(path), "split.eval_percent.book=50", "--no-progress"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["split_rule"] == {"source": "recipe", **rule.model_dump()}
+    assert manifest["input_rows"] == len(want)
+    assert json.loads((out / "fingerprint.json").read_text())["current"]["split_rule"] == rule.model_dump()
+    rows = read_generations(out).to_pylist() + failed_rows(out)
+    assert sorted(r["id"] for r in rows) == sorted(want)
+
+    assert main(["eval", "tags", "--pred", str(out), "--split", "heldout", "--out", str(tmp_path / "m.json")]) == 0
+    m = json.loads((tmp_path / "m.json").read_text())
+    truth = read_truth("sample://goodbooks_10k_book_tags/books_tags.jsonl.gz", split="heldout", top=10, rule=rule)
+    assert m["split_rule"] == describe("book", rule)
+    assert m["books"] == len(set(truth) & set(want)) > len(set(truth) & set(default))

@@ -62,6 +62,14 @@ def test_kar_prompts_list_the_domain_factors_and_ordered_history():
     assert 'book "Dune" by Frank Herbert' in books and "author and style" in books
 
 
+def test_kar_knowledge_schema_accepts_exactly_the_factors_the_prompt_asks_for():
+    # the constrained decoder can only write an enum factor: every domain's listed factor must be allowed
+    t = load_prompt("kar_item_knowledge")
+    allowed = t.output_for().json_schema["properties"]["knowledge"]["items"]["properties"]["factor"]["enum"]
+    asked = {f for factors in t.spec.defaults["factors"].values() for f in factors}
+    assert asked == set(allowed)
+
+
 def test_missing_required_field_names_record_and_field():
     t = load_prompt("kar_item_knowledge")
     with pytest.raises(RecforgeError, match=r"record 'book-42' is missing required field 'title'"):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from recforge.config import RecipeModel
 from recforge.data_recipes.readers import SourceConfig
+from recforge.splits import SplitRule
 
 
 class CTRInputs(RecipeModel):
@@ -30,12 +31,6 @@ class GuardConfig(RecipeModel):
     """KAR leakage guard: per user the first min((n+1)//2, max_prompt_items) events only feed text features."""
 
     max_prompt_items: int = 30
-
-
-class SplitConfig(RecipeModel):
-    test_fraction: float = 0.1  # users, by a salted hash of user_id (9:1)
-    valid_fraction: float = 0.1  # of the training users, for early stopping
-    salt: str = "recforge-ctr"
 
 
 class TextConfig(RecipeModel):
@@ -146,7 +141,10 @@ class CTRRecipe(RecipeModel):
     inputs: CTRInputs
     labels: LabelConfig = Field(default_factory=LabelConfig)
     guard: GuardConfig = Field(default_factory=GuardConfig)
-    split: SplitConfig = Field(default_factory=SplitConfig)
+    # users, by the project rule (recforge/splits.py): test = the rule's held-out users (`split.eval_percent.user`,
+    # the users data_recipes holds out); validation (early stopping) = the next `valid_percent` hash buckets
+    split: SplitRule = Field(default_factory=SplitRule)
+    valid_percent: int = Field(default=10, ge=0, le=100, description="validation users, in whole percent of all users")
     text: TextConfig = Field(default_factory=TextConfig)
     embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -162,6 +160,13 @@ class CTRRecipe(RecipeModel):
         }
     )
     adaptors: list[Literal["kar", "mlp"]] = Field(default_factory=lambda: ["kar", "mlp"])
+
+    @model_validator(mode="after")
+    def _valid_band_fits(self):
+        if self.split.eval_percent.user + self.valid_percent > 100:
+            raise ValueError(f"split.eval_percent.user ({self.split.eval_percent.user}) + valid_percent "
+                             f"({self.valid_percent}) is over 100")
+        return self
 
 
 class ExportFeaturesRecipe(RecipeModel):

@@ -3,13 +3,13 @@
 Per user, events are ordered by time. The first min((n+1)//2, max_prompt_items) events feed the
 text features only (the user's history text, knowledge prompts) and never become CTR samples;
 every later event is a sample whose label is `label >= positive_threshold` and whose behaviour
-history is the user's preceding events. Users are split train/valid/test by a salted hash of the
-user id, so a user's samples never straddle train and test.
+history is the user's preceding events. Users are split train/valid/test by the project's one split rule
+(`recforge.splits`): the test users are the rule's held-out users (`is_eval("user", id)`, the users
+data_recipes holds out), so a user's samples never straddle train and test.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,26 +17,26 @@ import numpy as np
 import polars as pl
 
 from recforge.records import Item
+from recforge.splits import DEFAULT_RULE, SplitRule, bucket, describe, percent
 
 
-def hash_unit(key: str, salt: str) -> float:
-    """A stable number in [0, 1) for a key: the same on every machine and run."""
-    digest = hashlib.blake2b(f"{salt}:{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
-
-
-def assign_user_splits(user_ids: list[str], test_fraction: float, valid_fraction: float, salt: str) -> dict[str, str]:
-    """9:1 train/test by hash; `valid_fraction` of the training users become validation."""
+def assign_user_splits(user_ids: list[str], rule: SplitRule = DEFAULT_RULE, valid_percent: int = 10) -> dict[str, str]:
+    """test: the rule's held-out users (bucket < `eval_percent.user`); valid: the next `valid_percent` buckets
+    (early stopping); train: the rest."""
+    test = percent("user", rule)
     splits = {}
     for user in user_ids:
-        u = hash_unit(user, salt)
-        if u < test_fraction:
-            splits[user] = "test"
-        elif u < test_fraction + valid_fraction * (1 - test_fraction):
-            splits[user] = "valid"
-        else:
-            splits[user] = "train"
+        b = bucket("user", user, rule)
+        splits[user] = "test" if b < test else "valid" if b < test + valid_percent else "train"
     return splits
+
+
+def describe_user_split(rule: SplitRule, valid_percent: int) -> dict[str, str]:
+    """The CTR user split in words, for the report and manifest."""
+    test = percent("user", rule)
+    return {"test": describe("user", rule),
+            "valid": f"{test} <= sha256({rule.salt!r} + 'user:<id>') % 100 < {test + valid_percent}",
+            "train": "the other users"}
 
 
 def apply_leakage_guard(events: pl.DataFrame, max_prompt_items: int) -> pl.DataFrame:
@@ -88,9 +88,8 @@ def build_ctr_data(
     positive_threshold: float,
     max_prompt_items: int,
     history_length: int,
-    test_fraction: float,
-    valid_fraction: float,
-    salt: str,
+    rule: SplitRule = DEFAULT_RULE,
+    valid_percent: int = 10,
 ) -> CTRData:
     """Events (readers' interaction frame, `label` = rating) -> guarded, split sample arrays."""
     stats: dict[str, Any] = {"events": events.height}
@@ -121,7 +120,7 @@ def build_ctr_data(
     history = np.where(valid, item_idx[safe], 0)
     history_rating = np.where(valid, ratings[safe], 0)
 
-    user_split = assign_user_splits(sorted(set(users[rows])), test_fraction, valid_fraction, salt)
+    user_split = assign_user_splits(sorted(set(users[rows])), rule, valid_percent)
     split_of_row = np.array([user_split[u] for u in users[rows]], dtype=object)
     all_samples = SampleArrays(users[rows], item_idx[rows], history, history_rating, labels[rows], times[rows])
     splits = {name: all_samples.take(np.flatnonzero(split_of_row == name)) for name in ("train", "valid", "test")}
@@ -132,6 +131,7 @@ def build_ctr_data(
         "samples": {k: len(v) for k, v in splits.items()},
         "positive_rate": {k: round(float(v.label.mean()), 4) if len(v) else None for k, v in splits.items()},
         "users_per_split": {k: int(len(set(v.user_ids))) for k, v in splits.items()},
+        "user_split": describe_user_split(rule, valid_percent),
     })
     return CTRData(item_ids, splits, guarded.filter(pl.col("is_prompt")), stats)
 

@@ -235,7 +235,7 @@ def ctr_data(cfg: CTRRecipe, events, items):
     """Guarded, user-split samples (the one split every CTR variant uses), subsampled where the recipe asks."""
     data = build_ctr_data(events, items, positive_threshold=cfg.labels.positive_threshold,
                           max_prompt_items=cfg.guard.max_prompt_items, history_length=cfg.model.history_length,
-                          test_fraction=cfg.split.test_fraction, valid_fraction=cfg.split.valid_fraction, salt=cfg.split.salt)
+                          rule=cfg.split, valid_percent=cfg.valid_percent)
     limit_samples(data, cfg.train)
     if min(len(s) for s in data.splits.values()) == 0:
         raise RecforgeError(f"{cfg.name}: a split has no samples ({data.stats['samples']}); too few users or events")

@@ -1,0 +1,42 @@
+"""`recforge demo-summary`: every number comes from the stage's own file, beside its baseline; a stage that
+did not run says so instead of showing a number."""
+
+from __future__ import annotations
+
+import json
+
+from recforge.cli import main
+from recforge.demo_summary import summarise
+
+
+def write(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def test_summary_places_each_stage_number_beside_its_baseline(tmp_path, capsys):
+    demo = tmp_path / "demo"
+    write(demo / "cpt" / "report.json", {"sources": {"esci": {"before": {"loss": 5.0, "perplexity": 150.0},
+                                                              "after": {"loss": 4.0, "perplexity": 60.0},
+                                                              "perplexity_change": -0.6}}})
+    write(demo / "tags" / "tag_eval.json", {"precision@5": 0.55, "books": 401, "failed_rows": 0,
+                                            "popular_baseline": {"precision@5": 0.40},
+                                            "model_used": {"name_or_path": "runs/demo/sft_tags/merged"}})
+    write(demo / "tags" / "manifest.json", {"engine": {"kind": "vllm", "version": "0.32.0"}})
+    write(demo / "ctr" / "report.json", {"summary": [{"variant": "ids_only", "adaptor": None, "auc_mean": 0.70},
+                                                     {"variant": "knowledge", "adaptor": "kar", "auc_mean": 0.72}]})
+    rows = summarise(demo)["rows"]
+    by = {(r["stage"], r["measure"].split(",")[0]): r for r in rows}
+    cpt = by[("CPT", "esci held-out perplexity (lower is better)")]
+    assert (cpt["result"], cpt["baseline"], cpt["change"]) == (60.0, 150.0, "-60.0 %")
+    tags = by[("tags", "P@5 vs shelf tags")]
+    assert (tags["result"], tags["baseline"], tags["engine"]) == (0.55, 0.40, "vllm 0.32.0")
+    ctr = [r for r in rows if r["stage"] == "CTR" and not r.get("status")]
+    assert [(r["result"], r["baseline"], r["change"]) for r in ctr] == [(0.72, 0.70, "+0.0200")]
+    # stages without files are "not run", never a number
+    assert {r["stage"] for r in rows if r.get("status") == "not run"} == {"knowledge", "align", "CTR"}
+    md = (demo / "summary.md").read_text()
+    assert "| tags | P@5 vs shelf tags, 401 held-out books | 0.55 | 0.4 (the most popular training tags) |" in md
+    assert (demo / "summary.png").stat().st_size > 0
+    assert main(["demo-summary", str(demo)]) == 0
+    assert "0.72" in capsys.readouterr().out
