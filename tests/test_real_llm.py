@@ -1,5 +1,6 @@
 """The real SmolLM2-135M-Instruct (converted from its offline GGUF) through every stage's loader, on a handful
-of rows: `recforge model fetch`, a LoRA CPT step, the generate runner, align's last-token pooling."""
+of rows: `recforge model fetch`, a LoRA CPT step, the generate runner, align's last-token pooling, the CTR
+bridge's LLM encoder (BAHE's layer split and behaviour vectors)."""
 
 from __future__ import annotations
 
@@ -95,3 +96,30 @@ def test_align_last_token_pooling_on_smollm2(smollm2_dir):
     alone = model.encode(texts[:1], convert_to_numpy=True)
     assert np.allclose(alone[0], emb[0], atol=1e-4)  # the last real token is pooled, whatever the batch padding
     assert float(emb[0] @ emb[1]) < 0.999  # different texts, different vectors
+
+
+def test_ctr_encoder_splits_smollm2_and_its_behaviour_vectors_reach_the_full_model(smollm2_dir):
+    """The CTR bridge's LLM loader (BAHE): SmolLM2 by its folder, split at k = L/2; lower then upper layers
+    reproduce the full forward, and a one-token behaviour's cached vector through the upper tower is the full
+    model's state for that token."""
+    import torch
+
+    from recforge.align.ctr.bahe import (UpperTower, default_lower_layers, encode_texts, load_backbone, sink_state,
+                                         sink_token, split_backbone)
+
+    tokenizer, base = load_backbone(smollm2_dir)
+    n = base.config.num_hidden_layers
+    lower, upper = split_backbone(base, default_lower_layers(n))
+    assert (len(lower.layers), len(upper.layers)) == (n // 2, n - n // 2)
+    titles = ["Dune by Frank Herbert", "The Hobbit", "Pride and Prejudice"]
+    vectors = encode_texts(lower, tokenizer, titles, 24, 8)
+    assert vectors.shape == (3, base.config.hidden_size) and np.isfinite(vectors).all()
+    assert not np.allclose(vectors[0], vectors[1])
+    token = tokenizer("Dune", add_special_tokens=False)["input_ids"][:1]
+    with torch.no_grad():
+        vector = torch.from_numpy(encode_texts(lower, tokenizer, [tokenizer.decode(token)], 24, 8))
+        tower = UpperTower(upper, sink_state(lower, tokenizer), "mean")
+        through = tower(vector[:, None], torch.ones(1, 1, dtype=torch.bool))
+        full = base(input_ids=torch.tensor([[sink_token(tokenizer), token[0]]])).last_hidden_state[:, 1]
+    # SmolLM2's first position carries ~100x activations: compare relative to the state's scale
+    assert torch.allclose(through, full, atol=1e-3 * float(full.abs().max()))
