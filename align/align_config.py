@@ -188,6 +188,10 @@ class EmbedConfig(RecipeModel):
     shard_size: int = 2048
     sort_by_length: bool = True
     quantize: Literal["none", "int8"] = "none"
+    # the encoder's arithmetic (vectors are stored float32 or int8 either way): bfloat16 weights (AMX / GPU).
+    # int8 dynamic quantisation is not offered: on MiniLM its vectors reach only cos 0.956 to float32
+    # (bench/align_embed.py measures it), below the 0.999 a catalogue index needs
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
     faiss_index: bool = True
     max_seq_length: int | None = None
     limit: int | None = None

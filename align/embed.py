@@ -9,6 +9,8 @@
 - `quantize: int8`: vectors (L2-normalised) stored as int8 = round(127 * v). A fixed scale, not
   sentence-transformers' calibrated `quantize_embeddings`, because calibration ranges would differ from
   shard to shard and break resumability.
+- `compute_dtype: bfloat16`: the encoder's arithmetic (bf16 weights: AMX on CPU, tensor cores on GPU); vectors
+  are stored as above.
 - A faiss inner-product index (`index.faiss` + `index_ids.json`) for nearest-neighbour lookups.
 """
 
@@ -96,7 +98,7 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def load_model(path: str, max_seq_length: int | None = None, device: str = "auto"):
+def load_model(path: str, max_seq_length: int | None = None, device: str = "auto", compute_dtype: str = "float32"):
     from sentence_transformers import SentenceTransformer
 
     from recforge.models import resolve_model
@@ -107,7 +109,12 @@ def load_model(path: str, max_seq_length: int | None = None, device: str = "auto
     model = SentenceTransformer(path, device=resolve_device(device))
     if max_seq_length:
         model.max_seq_length = max_seq_length
-    return model
+    return with_compute_dtype(model, compute_dtype)
+
+
+def with_compute_dtype(model, compute_dtype: str):
+    """bfloat16: the weights cast (sentence-transformers' own `.bfloat16()`); vectors come back as float32."""
+    return model.bfloat16() if compute_dtype == "bfloat16" else model
 
 
 def vectors_table(ids: list[str], vecs: np.ndarray, quantize: str):
@@ -179,7 +186,7 @@ def run_embed(cfg: EmbedConfig) -> dict:
     run.add_input(cfg.catalogue.path, name="catalogue", rows=len(ids))
     if not ids:
         raise RecforgeError(f"{cfg.catalogue.path}: no usable items (see {out_dir / 'rejects.jsonl'})")
-    model = load_model(cfg.model, cfg.max_seq_length, cfg.device)
+    model = load_model(cfg.model, cfg.max_seq_length, cfg.device, cfg.compute_dtype)
     prompt = (model.prompts or {}).get(cfg.catalogue.prompt_name) if cfg.catalogue.prompt_name else None
     if cfg.catalogue.prompt_name and prompt is None:
         raise RecforgeError(f"catalogue.prompt_name: the model has no prompt {cfg.catalogue.prompt_name!r} "
@@ -203,6 +210,8 @@ def run_embed(cfg: EmbedConfig) -> dict:
         "model_digest": model_digest(cfg.model),
         "ids_sha256": hashlib.sha256("\n".join(sorted_ids).encode()).hexdigest(),
         "shards": len(shard_bounds), "shard_size": cfg.shard_size, "quantize": cfg.quantize,
+        # other arithmetic gives other vectors: a resume must not mix them in one output
+        **({"compute_dtype": cfg.compute_dtype} if cfg.compute_dtype != "float32" else {}),
         "prompt": prompt, "max_seq_length": model.max_seq_length,
     }
     plan_path = out_dir / "plan.json"

