@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from peak_memory import reset_hwm, status_bytes  # bench/peak_memory.py (scripts run from bench/)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -47,23 +48,6 @@ MINILM_REPORTS = {"movielens": RESULTS / "ctr_ml100k.json", "goodbooks": RESULTS
 
 
 # ------------------------------------------------------------------------------------------- child
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _rss(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def child(spec_path: str) -> dict:
@@ -78,7 +62,7 @@ def child(spec_path: str) -> dict:
     from recforge.align.ctr.bahe import LLMSetup, build_model, load_backbone, optimizer, sink_state, split_backbone, tokenize_texts
     from recforge.align.ctr.config import ModelConfig, TrainConfig
 
-    libraries = _rss("VmRSS")
+    libraries = status_bytes("VmRSS")
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
@@ -107,8 +91,8 @@ def child(spec_path: str) -> dict:
     loss_fn = torch.nn.BCEWithLogitsLoss()
     target, history, rating, label = (torch.from_numpy(batches[k]) for k in ("target", "history", "rating", "label"))
     n_steps, bs = spec["warmup"] + spec["steps"], spec["batch"]
-    resident = _rss("VmRSS")
-    hwm = _reset_hwm()
+    resident = status_bytes("VmRSS")
+    hwm = reset_hwm()
     times = []
     model.train()
     for step in range(n_steps):
@@ -119,7 +103,7 @@ def child(spec_path: str) -> dict:
         loss.backward()
         opt.step()
         times.append(time.perf_counter() - started)
-    peak = _rss("VmHWM") if hwm else 0
+    peak = status_bytes("VmHWM") if hwm else 0
     measured = times[spec["warmup"]:]
     tokens_per_sample = None
     if kind == "llm_ctr":

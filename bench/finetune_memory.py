@@ -17,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from peak_memory import reset_hwm, status_bytes  # bench/peak_memory.py (scripts run from bench/)
+
 RESULTS = Path(__file__).resolve().parent / "results" / "finetune_memory.json"
 
 
@@ -56,7 +58,7 @@ def child(model_dir: str, mode: str, batch_rows: int, max_length: int) -> dict:
             time.sleep(0.002)
 
     # the kernel's high-water mark (VmHWM) sees short peaks the sampler misses; reset it to "now" first
-    hwm = _reset_hwm()
+    hwm = reset_hwm()
     th = threading.Thread(target=sample, daemon=True)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -76,29 +78,12 @@ def child(model_dir: str, mode: str, batch_rows: int, max_length: int) -> dict:
         out["peak_training_bytes"] = torch.cuda.max_memory_allocated() - base_cuda
         out["measure"] = "cuda max_memory_allocated over the steps"
     elif hwm:
-        out["peak_training_bytes"] = max(_read_hwm(), peak[0]) - base
+        out["peak_training_bytes"] = max(status_bytes("VmHWM"), peak[0]) - base
         out["measure"] = "cpu peak RSS (VmHWM, reset before the steps) growth over the steps"
     else:
         out["peak_training_bytes"] = peak[0] - base
         out["measure"] = "cpu peak RSS growth over the steps (sampled every 2 ms)"
     return out
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _read_hwm() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def main() -> int:

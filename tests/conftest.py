@@ -90,3 +90,21 @@ def engine_cache(request):
     cache = EngineCache(request)
     yield cache
     cache.close()
+
+
+@pytest.fixture
+def goodbooks_events(tmp_path):
+    """`goodbooks_events(n)`: the first n rows of the shipped goodbooks ratings as a JSONL file (a CTR slice)."""
+    import gzip
+
+    from recforge.io import resolve_path
+
+    def first(n: int) -> Path:
+        path = tmp_path / "events.jsonl"
+        with gzip.open(resolve_path("sample://goodbooks_10k_ratings_subset/interactions.jsonl.gz"), "rt") as f, \
+                open(path, "w") as out:
+            for _, line in zip(range(n), f):
+                out.write(line)
+        return path
+
+    return first

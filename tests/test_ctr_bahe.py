@@ -133,20 +133,14 @@ def test_bahe_trains_only_the_upper_layers_and_llm_ctr_runs_on_tokens(tiny, tmp_
     assert torch.equal(base.layers[0].mlp.up_proj.weight, lower_before)  # the frozen base stays as it was
 
 
-def test_bahe_recipe_runs_end_to_end_on_a_slice_of_goodbooks(tiny, tmp_path, repo_root):
-    import gzip
-
+def test_bahe_recipe_runs_end_to_end_on_a_slice_of_goodbooks(tiny, tmp_path, repo_root, goodbooks_events):
     from recforge.align.ctr.config import CTRRecipe
     from recforge.align.ctr.run import run_ctr
     from recforge.config import load_recipe
-    from recforge.io import resolve_path
 
     model_dir, _, _ = tiny
-    src = resolve_path("sample://goodbooks_10k_ratings_subset/interactions.jsonl.gz")
-    with gzip.open(src, "rt") as f, open(tmp_path / "events.jsonl", "w") as out:
-        for _, line in zip(range(4000), f):
-            out.write(line)
-    overrides = [f"out_dir={tmp_path / 'run'}", f"inputs.interactions.path={tmp_path / 'events.jsonl'}",
+    events = goodbooks_events(4000)
+    overrides = [f"out_dir={tmp_path / 'run'}", f"inputs.interactions.path={events}",
                  f"model.llm.model={model_dir}", f"model.llm.cache_dir={tmp_path / 'cache'}", "seeds=[0]",
                  "train.max_epochs=1", "train.max_train_samples=200", "train.max_eval_samples=100", "train.batch_size=64"]
     cfg = load_recipe(CTRRecipe, repo_root / "align/recipes/ctr_goodbooks_bahe.yaml", overrides)

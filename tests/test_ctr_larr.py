@@ -85,19 +85,13 @@ def test_scene_table_is_cached_with_a_contract(tiny_model_dir, tmp_path):
         scene_table(scene, LARRConfig(encoder=str(tiny_model_dir), max_tokens=8), tmp_path / "scene")
 
 
-def test_larr_recipe_reports_the_four_variants(tiny_model_dir, tmp_path, repo_root):
-    import gzip
-
+def test_larr_recipe_reports_the_four_variants(tiny_model_dir, tmp_path, repo_root, goodbooks_events):
     from recforge.align.ctr.config import CTRRecipe
     from recforge.align.ctr.run import run_ctr
     from recforge.config import load_recipe
-    from recforge.io import resolve_path
 
-    src = resolve_path("sample://goodbooks_10k_ratings_subset/interactions.jsonl.gz")
-    with gzip.open(src, "rt") as f, open(tmp_path / "events.jsonl", "w") as out:
-        for _, line in zip(range(2000), f):
-            out.write(line)
-    overrides = [f"out_dir={tmp_path / 'run'}", f"inputs.interactions.path={tmp_path / 'events.jsonl'}",
+    events = goodbooks_events(2000)
+    overrides = [f"out_dir={tmp_path / 'run'}", f"inputs.interactions.path={events}",
                  f"model.larr.encoder={tiny_model_dir}", f"model.larr.cache_dir={tmp_path / 'cache'}", "seeds=[0]",
                  "train.max_epochs=2", "train.batch_size=512", "model.larr.recent_items=3"]
     cfg = load_recipe(CTRRecipe, repo_root / "align/recipes/ctr_goodbooks_larr.yaml", overrides)

@@ -60,17 +60,9 @@ def metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     return {"auc": float(roc_auc_score(labels, probs)), "logloss": float(log_loss(labels, probs, labels=[0, 1]))}
 
 
-def train_ctr(
-    splits: dict[str, SampleArrays],
-    n_items: int,
-    dense: list[DenseInput],
-    model_cfg: ModelConfig,
-    train_cfg: TrainConfig,
-    adaptor: str | None,
-    seed: int,
-) -> dict:
-    """Train on `train`, early-stop on `valid` AUC, report `test` metrics of the best epoch."""
-    return train_ctr_model(splits, n_items, dense, model_cfg, train_cfg, adaptor, seed)[1]
+def train_ctr(*args, **kwargs) -> dict:
+    """`train_ctr_model`'s result only: train on `train`, early-stop on `valid` AUC, `test` metrics of the best epoch."""
+    return train_ctr_model(*args, **kwargs)[1]
 
 
 def train_ctr_model(
