@@ -47,7 +47,7 @@ def main() -> None:
     import torch
 
     from recforge.align.align_config import CatalogueSource
-    from recforge.align.embed import encode_sorted, load_model, plan_batches, read_catalogue, token_lengths
+    from recforge.align.embed import embed_batches, encode_sorted, load_model, read_catalogue, token_lengths
     from recforge.io import atomic_write_json
 
     load_before = os.getloadavg()
@@ -60,8 +60,7 @@ def main() -> None:
         return m.encode(texts, batch_size=bs, convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
 
     def recforge_sorted(m=model):
-        lengths = token_lengths(m, texts, None)
-        order, batches = plan_batches(lengths, bs * 4, bs * max(8, int(np.median(lengths))))
+        order, batches = embed_batches(token_lengths(m, texts, None), bs)  # what `recforge embed` does
         vecs = encode_sorted(m, [texts[i] for i in order], batches, None)
         out = np.empty_like(vecs)
         out[np.array(order)] = vecs

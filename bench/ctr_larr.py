@@ -6,7 +6,7 @@ bench/results/ctr_larr_<dataset>.{json,md,png} with the load average and torch's
 
     .venv/bin/python bench/ctr_larr.py                 # SmolLM2-135M scene encoder, the recipes' 3 seeds
     .venv/bin/python bench/ctr_larr.py --quick         # smoke run: tiny model, 1 seed, 2 epochs of 5k samples (-> runs/bench/results)
-    .venv/bin/python bench/ctr_larr.py --set model.larr.schedule=before
+    .venv/bin/python bench/ctr_larr.py --set model.larr.schedule=before --tag before   # -> ctr_larr_<dataset>_before.*
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ def main() -> int:
     p.add_argument("--encoder", default=None, help="scene encoder (default: the recipe's, smollm2; tiny with --quick)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--set", nargs="*", default=[], metavar="key=value", help="more recipe overrides")
+    p.add_argument("--tag", default="", help="suffix of the result files, so a variant run keeps the main table")
     args = p.parse_args()
 
     import torch
@@ -42,7 +43,7 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     encoder = args.encoder or (_tiny() if args.quick else None)
-    suffix = "_quick" if args.quick else ""
+    suffix = ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
     for dataset in args.datasets:
         out_dir = REPO / "runs" / "bench" / f"ctr_larr{suffix}" / dataset
         overrides = [f"out_dir={out_dir}", f"train.num_threads={args.threads}"]

@@ -9,6 +9,14 @@
                              rejects by reason, mix ratios, versions, seed
 
 Load a corpus with `datasets.load_dataset("parquet", data_files={"train": "out_dir/in_context/train-*.parquet"})`.
+
+Sharded (`recforge data RECIPE --shard i/N`, one array-job task each): shard i writes the same layout under
+`out_dir/shard-IIIII-of-NNNNN/`, holding the rows whose group key hashes to it (`recforge.shards`, the
+scheme `recforge generate --shard` uses): an in-context row's group (query, item, user or anchor item), a
+pair's anchor, any other row's first document id. In-context relations drop the other shards' links and
+events before grouping, so a shard's rows are exactly the unsharded run's rows of its groups. Then
+`recforge data RECIPE --merge` checks that all N shards ran the same recipe, that no row id is in two
+shards and that no eval id is in a train row across shards, and writes the merged corpora to `out_dir/`.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import yaml
 
 from recforge.config import RecforgeError
 from recforge.data_recipes import builders as B
@@ -38,6 +47,7 @@ from recforge.data_recipes.splits import EVAL, TRAIN
 from recforge.io import resolve_path, write_parquet_shards
 from recforge.manifest import RunRecorder
 from recforge.records import corpus_schema, pairs_schema
+from recforge.shards import ShardSpec
 
 CORPUS_NAMES = ("items", "queries", "query_item", "field_targets", "in_context", "reading", "pairs", "replay", "mix")
 
@@ -131,9 +141,18 @@ def write_corpus(frame: pl.DataFrame, out_dir: Path, name: str, rows_per_shard: 
     return {"rows": rows, "files": files, "schema": "pairs" if pairs else "corpus"}
 
 
-def run_data(cfg: DataRecipe, strict: bool = False) -> dict[str, Any]:
-    """Build every enabled corpus of the recipe into `cfg.out_dir`; returns the manifest."""
-    out_dir = Path(cfg.out_dir)
+def check_shardable(cfg: DataRecipe, shard: ShardSpec) -> None:
+    if not shard.active:
+        return
+    if cfg.split.by == "time" and cfg.split.time_cutoff is None:
+        raise RecforgeError("--shard with split.by=time needs split.time_cutoff: each shard would otherwise cut at "
+                            "the quantile of its own events")
+
+
+def run_data(cfg: DataRecipe, strict: bool = False, shard: ShardSpec = ShardSpec()) -> dict[str, Any]:
+    """Build every enabled corpus of the recipe into `cfg.out_dir` (its shard folder with `shard`); returns the manifest."""
+    check_shardable(cfg, shard)
+    out_dir = Path(cfg.out_dir) / shard.folder if shard.active else Path(cfg.out_dir)
     run = RunRecorder(out_dir, "data", cfg, cfg.seed)
     rejects_path = out_dir / "rejects.jsonl"
     if rejects_path.exists():
@@ -147,7 +166,7 @@ def run_data(cfg: DataRecipe, strict: bool = False) -> dict[str, Any]:
 
     counter = TokenCounter(cfg.token_count)
     serializer = Serializer(cfg.serializer, counter, seed=cfg.seed)
-    built, skipped = build_corpora(cfg, inputs, serializer, counter)
+    built, skipped = build_corpora(cfg, inputs, serializer, counter, shard)
 
     for name in CORPUS_NAMES:
         if name not in built:
@@ -165,6 +184,7 @@ def run_data(cfg: DataRecipe, strict: bool = False) -> dict[str, Any]:
         run.add_output("rejects", rejects_path, rows=rejects.total)
 
     run.extra.update(
+        shard={"index": shard.index, "count": shard.count, "key": SHARD_KEYS} if shard.active else None,
         special_tokens=serializer.special_tokens(),
         corpora=corpora,
         skipped=skipped,
@@ -177,8 +197,26 @@ def run_data(cfg: DataRecipe, strict: bool = False) -> dict[str, Any]:
     return run.finish()
 
 
-def build_corpora(cfg: DataRecipe, inp: Inputs, serializer: Serializer, counter: TokenCounter
-                  ) -> tuple[dict[str, B.Built], dict[str, str]]:
+# The corpora other than in_context are built whole and then filtered, so the reports inside a shard's manifest
+# (their leakage checks, pair-kind counts) describe the whole corpus; `corpora.<name>.rows` counts the shard's rows.
+SHARD_KEYS = "in_context: the row's group; pairs: anchor_id; other corpora: the first document id"
+
+
+def shard_rows(name: str, frame: pl.DataFrame, shard: ShardSpec) -> pl.DataFrame:
+    """The rows of a built corpus whose group key belongs to `shard` (SHARD_KEYS)."""
+    if not shard.active or frame.height == 0:
+        return frame
+    if name == "pairs":
+        key = pl.col("anchor_id")
+    elif name == "in_context":
+        key = pl.col("meta").str.json_path_match("$.group")
+    else:
+        key = pl.col("doc_ids").list.first()
+    return shard.filter(frame.with_columns(key.alias("_shard_key")), "_shard_key").drop("_shard_key")
+
+
+def build_corpora(cfg: DataRecipe, inp: Inputs, serializer: Serializer, counter: TokenCounter,
+                  shard: ShardSpec = ShardSpec()) -> tuple[dict[str, B.Built], dict[str, str]]:
     built: dict[str, B.Built] = {}
     skipped: dict[str, str] = {}
     item_texts = B.item_text_frame(inp.items, serializer) if inp.items else None
@@ -213,7 +251,7 @@ def build_corpora(cfg: DataRecipe, inp: Inputs, serializer: Serializer, counter:
 
     if need("in_context", cfg.in_context.enabled, items=inp.items):
         built["in_context"] = B.build_in_context(cfg.in_context, cfg.split, counter, item_texts, query_texts,
-                                                 judgments, inp.interactions, scores, score_report.get("split"))
+                                                 judgments, inp.interactions, scores, score_report.get("split"), shard)
     if need("reading", cfg.reading.enabled, items=inp.items, features=inp.features):
         built["reading"] = B.build_reading(item_texts, inp.features, cfg.reading, cfg.split)
     if need("pairs", cfg.pairs.enabled, items=inp.items):
@@ -221,10 +259,19 @@ def build_corpora(cfg: DataRecipe, inp: Inputs, serializer: Serializer, counter:
     if inp.replay is not None:
         # its own corpus too, both splits: CPT replays the train rows and tracks general-text perplexity on the eval rows
         built["replay"] = B.Built(B.replay_corpus(inp.replay, cfg.split))
+    for name, result in built.items():  # the corpora other than in_context are cheap: built whole, then filtered
+        result.frame = shard_rows(name, result.frame, shard)
     if need("mix", cfg.mix.enabled):
-        pool = {name: b.frame for name, b in built.items() if name != "pairs"}
-        built["mix"] = B.mix_corpora(pool, cfg.mix, cfg.seed)
+        if shard.active:  # its ratios are over whole corpora
+            skipped["mix"] = "sharded run: `--merge` builds it from the merged corpora"
+        else:
+            built["mix"] = B.mix_corpora(mix_pool({n: b.frame for n, b in built.items()}), cfg.mix, cfg.seed)
     return built, skipped
+
+
+def mix_pool(corpora: dict[str, pl.DataFrame]) -> dict[str, pl.DataFrame]:
+    """The corpora mix samples from: all but the pairs (another schema) and an earlier mix."""
+    return {name: frame for name, frame in corpora.items() if name not in ("pairs", "mix")}
 
 
 def build_pairs(cfg: DataRecipe, inp: Inputs, item_texts, query_texts, judgments, scores, score_report) -> B.Built:
@@ -253,3 +300,105 @@ def build_pairs(cfg: DataRecipe, inp: Inputs, item_texts, query_texts, judgments
     frame = pl.concat(frames) if frames else B.empty_pairs()
     report["splits"] = splits
     return B.Built(frame, report)
+
+
+def shard_folders(out_dir: Path) -> list[tuple[ShardSpec, Path]]:
+    """All N `shard-IIIII-of-NNNNN` folders of one sharded run; a missing, unfinished or mixed-N set is an error."""
+    found = sorted(out_dir.glob("shard-*-of-*"))
+    if not found:
+        raise RecforgeError(f"{out_dir}: no shard-IIIII-of-NNNNN folders to merge (run `recforge data RECIPE --shard i/N` first)")
+    counts = {f.name.rsplit("-of-", 1)[1] for f in found}
+    if len(counts) != 1:
+        raise RecforgeError(f"{out_dir}: shard folders of different shard counts ({', '.join(sorted(counts))}); remove the stale ones")
+    n = int(counts.pop())
+    shards = [ShardSpec(i, n) for i in range(n)]
+    missing = [s.folder for s in shards if not (out_dir / s.folder / "manifest.json").is_file()]
+    if missing:
+        raise RecforgeError(f"{out_dir}: shard(s) not finished (no manifest.json): {', '.join(missing)}")
+    return [(s, out_dir / s.folder) for s in shards]
+
+
+def merge_shards(cfg: DataRecipe) -> dict[str, Any]:
+    """`recforge data RECIPE --merge`: the shards' corpora -> `out_dir/<corpus>/`, checked across shards.
+
+    The mix corpus, whose ratios are over whole corpora, is built here from the merged ones.
+    Checks: every shard ran this recipe (its resolved_config.yaml), no row id is in two shards, every row
+    sits in the shard its group key hashes to, every shard's own leakage check passed, and, recomputed on
+    the merged rows, no eval id in a train row for the checks that are over row document ids.
+    """
+    from recforge.config import dump_config
+
+    out_dir = Path(cfg.out_dir)
+    shards = shard_folders(out_dir)
+    recipe = yaml.safe_load(dump_config(cfg))
+    manifests = []
+    for spec, folder in shards:
+        if yaml.safe_load((folder / "resolved_config.yaml").read_text()) != recipe:
+            raise RecforgeError(f"{folder}/resolved_config.yaml: this shard ran a different recipe than {cfg.out_dir}'s; "
+                                "rerun it or merge with the recipe and overrides it was built with")
+        manifests.append(json.loads((folder / "manifest.json").read_text()))
+    run = RunRecorder(out_dir, "data merge", cfg, cfg.seed)
+    frames, corpora, leakage = {}, {}, {}
+    for name in CORPUS_NAMES:
+        parts = []
+        for (spec, folder), manifest in zip(shards, manifests):
+            info = manifest["corpora"].get(name)
+            files = [folder / f for split_files in (info or {}).get("files", {}).values() for f in split_files]
+            if files:
+                frame = pl.read_parquet(files)
+                wrong = frame.height - shard_rows(name, frame, spec).height
+                if wrong:
+                    raise RecforgeError(f"{folder}/{name}: {wrong} rows whose group key belongs to another shard")
+                parts.append(frame.with_columns(pl.lit(spec.index).alias("_shard")))
+        if not parts:
+            remove_old_shards(out_dir / name)
+            continue
+        merged = pl.concat(parts, how="vertical_relaxed")
+        id_col = "pair_id" if name == "pairs" else "row_id"
+        dup = merged.group_by(id_col).agg(pl.col("_shard").unique().sort()).filter(pl.col("_shard").list.len() > 1)
+        if dup.height:
+            rid, where = dup.row(0)
+            raise RecforgeError(f"{name}: row {rid!r} is in shards {where} ({dup.height} such rows)")
+        frames[name] = merged.drop("_shard")
+        leakage.update(cross_shard_leakage(name, frames[name], manifests))
+    if cfg.mix.enabled:
+        mix = B.mix_corpora(mix_pool(frames), cfg.mix, cfg.seed)
+        frames["mix"] = mix.frame
+    for name, frame in frames.items():
+        corpora[name] = write_corpus(frame, out_dir, name, cfg.rows_per_shard, pairs=name == "pairs")
+        run.add_output(name, out_dir / name, rows=sum(corpora[name]["rows"].values()))
+    if cfg.mix.enabled:
+        corpora["mix"]["report"] = mix.report
+    failed = {f"shard {m['shard']['index']}: {k}": v for m in manifests
+              for k, v in m["splits"]["leakage"].items() if not v.get("ok", True)}
+    run.extra.update(
+        merged_from=[str(folder) for _, folder in shards],
+        shard={"count": len(shards), "key": SHARD_KEYS},
+        corpora=corpora,
+        special_tokens=manifests[0]["special_tokens"],
+        rejects_by_shard=[m["rejects"] for m in manifests],
+        splits={"config": cfg.split.model_dump(), "per_shard_failures": failed, "cross_shard": leakage,
+                "leakage_ok": not failed and all(r["ok"] for r in leakage.values())},
+    )
+    return run.finish()
+
+
+# the leakage checks `build_corpora` computes over each row's doc_ids (the others are over anchors or events)
+DOC_ID_CHECKS = ("items", "queries", "field_targets", "in_context/items_by_query", "in_context/queries_by_item")
+
+
+def cross_shard_leakage(name: str, merged: pl.DataFrame, manifests: list[dict]) -> dict[str, dict]:
+    """The shards' hash-split checks over row document ids, recomputed on the merged rows of a corpus.
+
+    (Event checks - user@position, time-split source lines - need no recomputation: every event belongs to one
+    group, and every group to one shard, which `merge_shards` verified.)"""
+    out = {}
+    for key, rep in manifests[0]["splits"]["leakage"].items():
+        corpus, _, relation = key.partition("/")
+        if corpus != name or rep.get("method") != "hash" or key not in DOC_ID_CHECKS:
+            continue
+        frame = merged
+        if relation:
+            frame = merged.filter(pl.col("meta").str.json_path_match("$.relation") == relation)
+        out[key] = B.id_leakage(frame, "doc_ids", rep["unit"], "hash", rep.get("split"))
+    return out

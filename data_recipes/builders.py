@@ -49,6 +49,7 @@ from recforge.data_recipes.splits import (
     with_time_split,
 )
 from recforge.records import Item, Judgment, Query
+from recforge.shards import ShardSpec
 from recforge.splits import describe, split_frame
 
 CORPUS_COLUMNS = {
@@ -98,7 +99,7 @@ def split_counts(frame: pl.DataFrame) -> dict[str, int]:
     return counts
 
 
-def _id_leakage(frame: pl.DataFrame, id_col: str, unit: str, method: str, split_rule: str | None = None) -> dict:
+def id_leakage(frame: pl.DataFrame, id_col: str, unit: str, method: str, split_rule: str | None = None) -> dict:
     """Leakage over a list or scalar id column: eval ids that also occur in train rows (`split_rule` names the rule)."""
     col = pl.col(id_col)
     ids = frame.select(pl.col("split"), col.alias("id"))
@@ -110,7 +111,7 @@ def _id_leakage(frame: pl.DataFrame, id_col: str, unit: str, method: str, split_
 
 
 def _hash_leakage(frame: pl.DataFrame, id_col: str, unit: str, split: SplitConfig, entity: str) -> dict:
-    return _id_leakage(frame, id_col, unit, "hash", describe(entity, split))
+    return id_leakage(frame, id_col, unit, "hash", describe(entity, split))
 
 
 # ---------------------------------------------------------------- texts
@@ -438,8 +439,11 @@ def sequence_members(events: pl.DataFrame, split: SplitConfig, docs: pl.DataFram
 def build_in_context(cfg: InContextCorpus, split: SplitConfig, counter: TokenCounter, item_texts: pl.DataFrame,
                      query_texts: pl.DataFrame | None = None, judgments: pl.DataFrame | None = None,
                      interactions: pl.DataFrame | None = None, co_engagement: pl.DataFrame | None = None,
-                     co_engagement_split: dict | None = None) -> Built:
-    """CPRM in-context rows for each configured relation; relations without their inputs are reported as skipped."""
+                     co_engagement_split: dict | None = None, shard: ShardSpec = ShardSpec()) -> Built:
+    """CPRM in-context rows for each configured relation; relations without their inputs are reported as skipped.
+
+    With a `shard`, each relation keeps the links / events of its own groups before grouping (a row is built
+    from one group only, so a shard's rows are exactly the unsharded run's rows of its groups)."""
     sep_tokens = counter.count(cfg.separator)
     item_docs = with_token_counts(item_texts, counter, cfg.max_tokens)
     query_docs = with_token_counts(query_texts, counter, cfg.max_tokens) if query_texts is not None else None
@@ -464,7 +468,7 @@ def build_in_context(cfg: InContextCorpus, split: SplitConfig, counter: TokenCou
             if docs is None:
                 report["relations"][relation] = {"skipped": "no query texts (inputs.queries)"}
                 continue
-            split_df, method = split_links(links_df, member, split)
+            split_df, method = split_links(shard.filter(links_df, key), member, split)
             members = group_members(split_df, key, member, cfg.max_group_size, cfg.chunk_rows)
             if method != "hash":
                 leak = event_leakage(split_df, method)
@@ -473,14 +477,14 @@ def build_in_context(cfg: InContextCorpus, split: SplitConfig, counter: TokenCou
                 report["relations"][relation] = {"skipped": "no interactions"}
                 continue
             docs = item_docs
-            members, leak = sequence_members(user_sequences(interactions, cfg.min_label), split, docs,
-                                             cfg.max_tokens, sep_tokens)
+            members, leak = sequence_members(user_sequences(shard.filter(interactions, "user_id"), cfg.min_label),
+                                             split, docs, cfg.max_tokens, sep_tokens)
         else:  # co_engaged_items
             if co_engagement is None:
                 report["relations"][relation] = {"skipped": "no item-item co-engagement scores (needs interactions)"}
                 continue
             docs = item_docs
-            members = co_engaged_members(co_engagement, cfg.max_group_size)
+            members = shard.filter(co_engaged_members(co_engagement, cfg.max_group_size), "group")
             leak = co_engagement_split
         rows, missing = pack_groups(members, docs, cfg, relation, sep_tokens)
         unit = "item_id" if docs is item_docs else "query_id"
@@ -814,7 +818,8 @@ def mix_corpora(corpora: dict[str, pl.DataFrame], cfg: MixCorpus, seed: int) -> 
                                 f"(built: {', '.join(sorted(corpora)) or 'none'})")
         if weight <= 0:
             raise RecforgeError(f"mix.weights.{name}: weights must be > 0, got {weight}")
-    train = {name: corpora[name].filter(pl.col("split") == TRAIN) for name in cfg.weights}
+    # sorted by row id: the sample is a function of the rows, not of their order (a merged sharded run == one run)
+    train = {name: corpora[name].filter(pl.col("split") == TRAIN).sort("row_id") for name in cfg.weights}
     empty = [n for n, f in train.items() if f.height == 0]
     if empty:
         raise RecforgeError(f"mix.weights: corpus {empty[0]!r} has no train rows to mix")

@@ -20,6 +20,7 @@ from recforge.config import RecforgeError
 from recforge.io import atomic_write_json
 from recforge.manifest import RunRecorder
 
+from .chunked_loss import chunked_loss_trainer_class
 from .corpus import corpus_files, read_corpus, weighted_rows
 from .cpt_config import CPTConfig
 from .packing import BatchTrace, build_dataset, make_collator, row_segments
@@ -217,7 +218,8 @@ def make_trainer(cfg: CPTConfig, out_dir: Path, run: RunRecorder | None = None):
     collator = make_collator(cfg.packing, tokenizer.pad_token_id)
     if cfg.training.trace_batches:
         collator = BatchTrace(collator, out_dir / f"batches.rank{args.process_index}.jsonl")
-    trainer = Trainer(
+    trainer_class = chunked_loss_trainer_class() if cfg.training.chunked_loss else Trainer
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=train_ds,

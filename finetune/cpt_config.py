@@ -85,6 +85,9 @@ class TrainingSettings(RecipeModel):
     save_steps: int = 500
     save_total_limit: int | None = 2
     bf16: bool = False
+    # lm_head + cross-entropy chunk by chunk, never the full [tokens x vocab] logits (finetune/chunked_loss.py);
+    # the same loss and gradients; llama / mistral / qwen2 / qwen3 heads, single process (else the stock loss)
+    chunked_loss: bool = False
     dataloader_num_workers: int = 0
     report_to: list[str] = Field(default_factory=list)  # e.g. [wandb]; nothing by default
     # diagnostics: write out_dir/batches.rank<R>.jsonl, the row fingerprints each rank trained on per step

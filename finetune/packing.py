@@ -53,6 +53,12 @@ def pack_segments(segments: Sequence[list[int]], max_length: int) -> list[list[l
 
     Keeps documents whole (no document is cut at a row boundary), and fills rows to ~99% on
     short-document corpora such as titles and queries. Deterministic for a given input order.
+
+    Not `trl.pack_dataset(strategy="bfd")`, measured side by side (bench/results/finetune_packing.json, SmolLM2):
+    the same algorithm at the same speed when TRL trains one row per forward (0.99x), but its rows hold fewer
+    tokens on the shipped corpus (98.4 % vs 99.9 % full at 512, 96.6 % vs 99.9 % at 1024: more steps per epoch),
+    and TRL's collator flattens a multi-row batch into one unbounded row, 1.32x slower on CPU (no varlen
+    attention kernel: sdpa computes the whole masked square). Both packing modes use this packer.
     """
     order = sorted(range(len(segments)), key=lambda i: (-len(segments[i]), i))
     rows: list[list[list[int]]] = []

@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,8 @@ from recforge.config import RecforgeError
 from recforge.generate.engine import GenerationRequest, Sampling, constraint_from_output
 from recforge.generate.generate_config import GenerateConfig
 from recforge.generate.parsing import ParseError, parse_output
-from recforge.generate.splits import book_split, id_hash, shard_of
+from recforge.generate.splits import book_split, id_hash
+from recforge.shards import ShardSpec
 from recforge.splits import DEFAULT_RULE
 from recforge.io import atomic_write_json, open_text, resolve_path, write_parquet_atomic
 
@@ -225,24 +225,6 @@ def engine_version(kind: str) -> str | None:
 # ------------------------------------------------------------------ the run
 
 
-@dataclass
-class ShardSpec:
-    index: int = 0
-    count: int = 1
-
-    @classmethod
-    def parse(cls, text: str | None) -> "ShardSpec":
-        if not text:
-            return cls()
-        try:
-            i, n = (int(x) for x in text.split("/"))
-        except ValueError:
-            raise RecforgeError(f"--shard {text!r}: expected i/N, e.g. 0/8") from None
-        if n < 1 or not 0 <= i < n:
-            raise RecforgeError(f"--shard {text!r}: need 0 <= i < N")
-        return cls(i, n)
-
-
 def row_seed(base: int, shard: ShardSpec, record_id: str, attempt: int) -> int:
     """Per-row seed: the run seed, the shard's offset, the id, the attempt (a retry draws new randomness)."""
     return (base + shard.index * 1_000_003 + id_hash(record_id) % 1_000_000_007 + attempt * 7_919) % (2**31 - 1)
@@ -296,7 +278,7 @@ class GenerationRun:
         self.cfg, self.shard, self.force, self.show_progress = cfg, shard, force, progress
         self.retry_failed, self.engine = retry_failed, engine
         base = Path(cfg.out_dir)
-        self.out = base if shard.count == 1 else base / f"shard-{shard.index:05d}-of-{shard.count:05d}"
+        self.out = base / shard.folder if shard.active else base
         self.shards = self.out / "shards"
         self.template = load_prompt(cfg.task)
         self.variables = dict(cfg.prompt_vars)
@@ -438,8 +420,8 @@ class GenerationRun:
         history = self.check_fingerprint(fp)
         records = read_records(cfg, self.out / "rejects.jsonl")
         recorder.add_input(cfg.input.path, name="input", rows=len(records))
-        if self.shard.count > 1:
-            records = [(i, r) for i, r in records if shard_of(i, self.shard.count) == self.shard.index]
+        if self.shard.active:
+            records = [(i, r) for i, r in records if self.shard.owns(i)]
         chunks = [records[k : k + cfg.chunk_size] for k in range(0, len(records), cfg.chunk_size)]
         self.done, failures = self.reconcile()
         todo = [k for k in range(len(chunks)) if k not in self.done]

@@ -7,6 +7,7 @@ puts in `eval`, so `recforge eval tags` never scores a book an earlier stage tra
 
 from __future__ import annotations
 
+from recforge.shards import shard_of  # noqa: F401  (generate's data-parallel shards: the core scheme)
 from recforge.splits import DEFAULT_RULE, SplitRule, is_eval, stable_hash
 
 
@@ -19,6 +20,3 @@ def book_split(book_id: str | int, rule: SplitRule = DEFAULT_RULE) -> str:
     return "heldout" if is_eval("book", book_id, rule) else "train"
 
 
-def shard_of(record_id: str, num_shards: int) -> int:
-    """Which of `num_shards` data-parallel shards a record belongs to (salted: independent of the book split)."""
-    return id_hash(str(record_id), salt="shard:") % num_shards

@@ -183,3 +183,22 @@ def test_make_cpt_demo_shows_domain_gain_and_replay_protection(tiny_model_dir, t
     for run in ("pretrain", "esci_no_replay", "esci_replay"):
         for name in ("report.json", "loss.png", "perplexity.png", "manifest.json"):
             assert (tmp_path / run / name).is_file(), (run, name)
+
+
+def test_chunked_loss_trains_the_same_run(tiny_model_dir, corpora, tmp_path):
+    """`training.chunked_loss` (added-token rows included) logs the stock run's losses and perplexities."""
+    reports = {}
+    for chunked in (False, True):
+        out = tmp_path / f"chunked_{chunked}"
+        recipe = write_recipe(tmp_path / f"r{chunked}.yaml", tiny_model_dir, corpora, out,
+                              **{"training.chunked_loss": chunked, "training.eval_steps": None})
+        assert main(["cpt", str(recipe)]) == 0
+        reports[chunked] = json.loads((out / "report.json").read_text())
+    stock, chunked = reports[False], reports[True]
+    assert [s for s, _ in chunked["train_loss"]] == [s for s, _ in stock["train_loss"]]
+    for (_, a), (_, b) in zip(stock["train_loss"], chunked["train_loss"]):
+        assert b == pytest.approx(a, rel=1e-3)
+    for source in stock["sources"]:
+        assert chunked["sources"][source]["after"]["perplexity"] == pytest.approx(
+            stock["sources"][source]["after"]["perplexity"], rel=1e-3)
+    assert stock["train_loss"][-1][1] < stock["train_loss"][0][1]  # it did train
