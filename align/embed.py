@@ -73,9 +73,8 @@ def plan_batches(lengths: list[int], max_batch: int, token_budget: int) -> tuple
 
 def embed_batches(lengths: list[int], batch_size: int) -> tuple[list[int], list[tuple[int, int]]]:
     """recforge's batch plan: longest first, at most 2 x `batch_size` items and 2 x `batch_size` items of median
-    length in padded tokens per batch (short items fill bigger batches, long ones smaller). Measured on CPU
-    (bench/align_embed.py): 4x-sized batches of short items were slower for a 30-layer SmolLM2 in bf16 (cache),
-    1x-sized ones slower for MiniLM."""
+    length in padded tokens per batch (short items fill bigger batches, long ones smaller). The previous 4x cap
+    was slower than sentence-transformers for SmolLM2 in bf16 (bench/align_embed.py, README)."""
     budget = 2 * batch_size * max(8, int(np.median(lengths))) if lengths else 1
     return plan_batches(lengths, 2 * batch_size, budget)
 

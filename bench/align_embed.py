@@ -5,6 +5,7 @@ Every method's minimum cosine to float32 `SentenceTransformer.encode` is reporte
 (torch's `quantize_dynamic` of the Linear layers) is measured for its cosine only, as the reason it is not offered.
 
     .venv/bin/python bench/align_embed.py [--model PATH] [--limit 4000] [--rounds 2]
+    .venv/bin/python bench/align_embed.py --model PATH --limit 500 --profile-out bench/results/align_embed_smollm2_profile.json
 
 Writes bench/results/align_embed.json. Rounds alternate the order of the methods so that load from other
 processes hits them alike; the best round of each method is reported.
@@ -42,6 +43,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "align_embed.json"))
+    ap.add_argument("--profile-out", default=None,
+                    help="only a torch.profiler table of one recforge bf16 pass (where the time goes), to this JSON")
     args = ap.parse_args()
 
     import torch
@@ -73,6 +76,21 @@ def main() -> None:
     methods = {"st_encode": st_encode, "recforge_sorted": recforge_sorted, "unsorted_fixed": unsorted_fixed,
                "st_encode_bf16": lambda: st_encode(model_bf16), "recforge_sorted_bf16": lambda: recforge_sorted(model_bf16)}
     best = {name: float("inf") for name in methods}
+    if args.profile_out:
+        from torch.profiler import ProfilerActivity, profile
+
+        recforge_sorted(model_bf16)  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            recforge_sorted(model_bf16)
+        lengths = token_lengths(model_bf16, texts, None)
+        atomic_write_json(args.profile_out, {
+            "what": "torch.profiler, one recforge bf16 embedding pass, ops by self CPU time", "model": args.model,
+            "items": len(texts), "token_length": {"median": int(np.median(lengths)), "max": max(lengths)},
+            "torch_threads": torch.get_num_threads(), "load_average_before": load_before,
+            "table": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12).splitlines()})
+        print(f"wrote {args.profile_out}")
+        return
+
     vectors = {}
     recforge_sorted()  # warm-up (allocator, kernels)
     recforge_sorted(model_bf16)

@@ -78,7 +78,7 @@ def main() -> int:
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from recforge.finetune.chunked_loss import causal_lm_parts, chunked_causal_lm_loss
+    from recforge.finetune.chunked_loss import chunked_causal_lm_loss
     from recforge.finetune.demo import esci_rows, goodbooks_rows
     from recforge.finetune.packing import PackedCollator, pack_segments, row_segments
     from recforge.models import resolve_model
@@ -178,7 +178,7 @@ def main() -> int:
     if base:
         result["speedup_vs_" + DEFAULT_ARM] = {a: round(v["positions_per_s"] / base, 3) for a, v in result["arms"].items()}
     result["load_average_1min"]["after_training"] = os.getloadavg()[0]
-    result["lm_head_ce_share"] = lm_head_share(torch, models, batches[1], args.arms, causal_lm_parts, chunked_causal_lm_loss)
+    result["lm_head_ce_share"] = lm_head_share(torch, models, batches[1], args.arms)
     result["profile_" + DEFAULT_ARM] = profile_table(torch, lambda: step(DEFAULT_ARM, batches[2])) if DEFAULT_ARM in models else None
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
@@ -187,9 +187,9 @@ def main() -> int:
     return 0
 
 
-def lm_head_share(torch, models, batch, arms, causal_lm_parts, chunked_causal_lm_loss) -> dict:
+def lm_head_share(torch, models, batch, arms) -> dict:
     """Seconds of lm_head + cross-entropy forward+backward alone, on one step's hidden states, stock vs chunked."""
-    from recforge.finetune.chunked_loss import linear_cross_entropy
+    from recforge.finetune.chunked_loss import causal_lm_parts, linear_cross_entropy
 
     out = {}
     for arm in arms:

@@ -124,12 +124,12 @@ def loss_vs_alone(model, arm, segments, tok, args) -> float:
 
 def row_fill(segments: list[list[int]], lengths=(256, 512, 1024)) -> dict:
     """Rows and real-token fill of recforge's packer vs TRL's BFD on the same segments (no training)."""
-    from recforge.finetune.packing import pack_segments
+    from recforge.finetune.packing import pack_segments, split_long
 
     out = {}
     tokens = sum(map(len, segments))
     for n in lengths:
-        segs = [c for s in segments for c in ([s] if len(s) <= n else [s[i:i + n] for i in range(0, len(s), n)])]
+        segs = [c for s in segments for c in split_long(s, n)]
         ours, trl = len(pack_segments(segs, n)), len(trl_packed_rows(segs, n))
         out[str(n)] = {"rows_needed_at_100pct": -(-tokens // n), "recforge_rows": ours, "recforge_fill": round(tokens / (ours * n), 4),
                        "trl_bfd_rows": trl, "trl_bfd_fill": round(tokens / (trl * n), 4)}

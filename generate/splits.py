@@ -7,7 +7,6 @@ puts in `eval`, so `recforge eval tags` never scores a book an earlier stage tra
 
 from __future__ import annotations
 
-from recforge.shards import shard_of  # noqa: F401  (generate's data-parallel shards: the core scheme)
 from recforge.splits import DEFAULT_RULE, SplitRule, is_eval, stable_hash
 
 

@@ -10,7 +10,8 @@ import pytest
 
 from recforge.generate.parsing import ParseError, extract_json, parse_output
 from recforge.generate.postprocess import aggregate, normalize_tag, normalize_tags
-from recforge.generate.splits import book_split, shard_of
+from recforge.generate.splits import book_split
+from recforge.shards import shard_of
 from recforge.generate.tag_eval import book_shelf_tags, is_reader_shelf, precision_recall_at_k, read_truth
 from recforge.prompts import load_prompt
 
