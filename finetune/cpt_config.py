@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from recforge.config import RecipeModel
 
@@ -49,6 +49,10 @@ class EvalSourceSettings(RecipeModel):
     path: str
     split: str | None = None
     max_rows: int | None = 500
+    # score the documents with their field markup (`<|title|>`, `<|endofpiece|>`...) removed, a closing piece
+    # becoming a line break: the perplexity of the domain text itself, which a base model that never saw the
+    # markup can be compared on fairly (with markup, much of the "before -> after" gain is learning the tags)
+    strip_markup: bool = False
 
 
 class DataSettings(RecipeModel):
@@ -56,6 +60,14 @@ class DataSettings(RecipeModel):
 
     train: dict[str, SourceSettings]
     eval: dict[str, EvalSourceSettings] = Field(default_factory=dict)
+
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _drop_nulled_sources(cls, sources):
+        """`data.train.replay=null` on the command line removes that source (a recipe's ablation arm)."""
+        if isinstance(sources, dict):
+            return {name: src for name, src in sources.items() if src is not None}
+        return sources
 
 
 class TokenSettings(RecipeModel):

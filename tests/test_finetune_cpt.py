@@ -118,6 +118,39 @@ def test_lora_cpt_with_added_tokens_trains_saves_and_reloads(tiny_model_dir, cor
     assert torch.equal(model.get_input_embeddings()(torch.tensor([5, 100])), orig_in[[5, 100]])
 
 
+def test_strip_markup_and_a_nulled_source(tiny_model_dir, corpora, tmp_path):
+    from recforge.config import load_recipe
+    from recforge.finetune.cpt import strip_markup
+    from recforge.finetune.cpt_config import CPTConfig
+
+    assert strip_markup("<|title|>Dune<|endofpiece|><|authors|>Frank Herbert<|endofpiece|>") == "Dune\nFrank Herbert"
+    assert strip_markup("<|startofpiece|>Title: Bags<|endofpiece|>") == "Title: Bags"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, corpora, tmp_path / "o",
+                          **{"data.train.replay": {"path": str(corpora["goodbooks"])}})
+    assert set(load_recipe(CPTConfig, recipe).data.train) == {"esci", "replay"}
+    # `data.train.replay=null` is the without-replay arm of the same recipe
+    cfg = load_recipe(CPTConfig, recipe, ["data.train.replay=null", "data.eval.goodbooks=null"])
+    assert set(cfg.data.train) == {"esci"} and set(cfg.data.eval) == {"esci"}
+
+    # an eval source with strip_markup scores the same documents without a single field-piece token
+    from transformers import AutoTokenizer
+
+    from recforge.finetune.cpt import build_eval_datasets
+
+    plain = {"path": str(corpora["esci"]), "max_rows": 20, "strip_markup": True}
+    cfg = load_recipe(CPTConfig, recipe, [f"data.eval.esci_plain={json.dumps(plain)}", "data.eval.goodbooks=null"])
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.add_special_tokens({"additional_special_tokens": PIECES})
+    piece_ids = set(tok.convert_tokens_to_ids(PIECES))
+    sets = build_eval_datasets(cfg, tok, None)
+
+    def tokens(ds):
+        return [t for row in ds.examples for seg in row for t in seg]
+
+    assert piece_ids & set(tokens(sets["esci"])) and not piece_ids & set(tokens(sets["esci_plain"]))
+    assert len(sets["esci_plain"].examples) > 0 and sets["esci_plain"].n_tokens() < sets["esci"].n_tokens()
+
+
 def test_recipe_and_data_errors_are_clear(tiny_model_dir, corpora, tmp_path, capsys):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, corpora, tmp_path / "o")
     assert main(["cpt", str(recipe), "training.max_stepz=3"]) == 2

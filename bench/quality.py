@@ -1,0 +1,387 @@
+"""`make quality`: the held-out quality table of the real-LLM pipeline, 3 seeds where training is involved.
+
+One recipe a user can read top to bottom: every row of the table is a chain of `recforge` commands (the same
+ones `make demo` runs, at the demo's sizes), one output folder per seed under --runs, then one table of
+mean +- sd across seeds beside each baseline and goal.
+
+    python bench/quality.py                      # every stage, seeds 0 1 2  (~2.5 h on 2 CPU cores)
+    python bench/quality.py --stages cpt align   # some stages; finished steps are skipped (resumable)
+    python bench/quality.py --report-only        # rebuild the table from what has run
+
+| stage     | measure (held-out)                                        | goal                                        |
+|-----------|-----------------------------------------------------------|---------------------------------------------|
+| cpt       | SmolLM2 perplexity before/after on ESCI + goodbooks text, | domain -20 % or better; with replay general |
+|           | general text with vs without replay                       | text within +5 % of the base model          |
+| tags      | SFT'd SmolLM2 tagger P@5 vs shelf tags (+ zero-shot)      | >= 0.61                                     |
+| relevance | SmolLM2 relevance SFT, ESCI macro-F1                      | >= 0.35                                     |
+| align     | ESCI NDCG@10: SmolLM2 base / aligned / CPT'd-then-aligned | aligned >= untuned MiniLM;                  |
+|           | beside untuned and aligned MiniLM                         | CPT'd-then-aligned >= base-aligned          |
+| ctr       | AUC with Qwen2.5-0.5B KAR knowledge vs IDs-only / MiniLM  | >= IDs-only + 0.005, positive on every seed |
+
+Each step's wall time goes to <runs>/steps.json; the report sums them (the documented run time of the
+whole table). Writes bench/results/quality.json and quality.md. Goals are never tuned on: the numbers are
+what the shipped recipes give, a missed goal is reported as missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from recforge.io import atomic_write_json, atomic_write_text  # noqa: E402
+
+RF = [sys.executable, "-m", "recforge"]
+STAGES = ("cpt", "tags", "relevance", "align", "ctr")
+MOVIELENS = str((ROOT / os.environ.get("MOVIELENS", "../shared/data/movielens_100k")).resolve())  # never committed
+
+
+def engine_kind() -> str:
+    import importlib.util
+
+    return "vllm" if importlib.util.find_spec("vllm") else "transformers"
+
+
+# ---------------------------------------------------------------------------- the steps
+
+
+def seed_steps(q: Path, seed: int, stages: set[str], engine: str) -> list[tuple[str, Path, list[str]]]:
+    """(name, the file that marks it done, command) for one seed, in dependency order."""
+    s = q / f"seed{seed}"
+    merged = s / "cpt_merged" / "merged"
+    needs_cpt = stages & {"cpt", "tags", "relevance", "align"}
+    steps = []
+    if needs_cpt:
+        steps += [
+            ("cpt", s / "cpt" / "report.json",
+             ["cpt", "finetune/recipes/cpt_smollm2.yaml", f"seed={seed}", f"out_dir={s / 'cpt'}"]),
+            ("cpt_merge", merged / "config.json",
+             ["publish", str(s / "cpt"), "--out", str(s / "cpt_merged"), "--merge", "--vllm-check", "off"]),
+        ]
+    if "cpt" in stages:
+        steps.append(("cpt_noreplay", s / "cpt_noreplay" / "report.json",
+                      ["cpt", "finetune/recipes/cpt_smollm2.yaml", "data.train.replay=null", f"seed={seed}",
+                       f"out_dir={s / 'cpt_noreplay'}"]))
+    if "tags" in stages:
+        steps += [
+            ("sft_tags", s / "sft_tags" / "merged" / "config.json",
+             ["sft", "finetune/recipes/sft_goodbooks_tags_smollm2.yaml", f"model.path={merged}", f"seed={seed}",
+              f"out_dir={s / 'sft_tags'}"]),
+            ("tags", s / "tags" / "tag_eval.json", *tag_commands(s / "sft_tags" / "merged", s / "tags", engine)),
+        ]
+    if "relevance" in stages:
+        steps.append(("relevance", s / "relevance" / "metrics.json",
+                      ["sft", "finetune/recipes/sft_esci_relevance_smollm2.yaml", f"model.path={merged}",
+                       f"seed={seed}", f"out_dir={s / 'relevance'}"]))
+    if "align" in stages:
+        steps += [
+            ("align_llm", s / "align_llm" / "eval" / "retrieval_metrics.json",
+             ["align", "align/recipes/esci_smollm2.yaml", f"seed={seed}", f"out_dir={s / 'align_llm'}"]),
+            ("align_llm_cpt", s / "align_llm_cpt" / "eval" / "retrieval_metrics.json",
+             ["align", "align/recipes/esci_smollm2.yaml", f"backbone.path={merged}", f"seed={seed}",
+              f"out_dir={s / 'align_llm_cpt'}"]),
+            ("align_minilm", s / "align_minilm" / "eval" / "retrieval_metrics.json",
+             ["align", "align/recipes/esci_minilm.yaml", f"seed={seed}", f"out_dir={s / 'align_minilm'}"]),
+        ]
+    return [(f"seed{seed}/{name}", done, *commands) for name, done, *commands in steps]
+
+
+def tag_commands(model: Path | str, out: Path, engine: str) -> list[list[str]]:
+    """Tags for the held-out books by `model` (greedy, the shelf-tags regex), then P@5 / R@5."""
+    return [["generate", "generate/recipes/goodbooks_tags.yaml", f"model.name_or_path={model}", "model.fallback=null",
+             f"engine.kind={engine}", "engine.cpu_threads=2", f"out_dir={out}", "--overwrite"],
+            ["eval", "tags", "--pred", str(out), "--out", str(out / "tag_eval.json")]]
+
+
+def shared_steps(q: Path, stages: set[str], engine: str) -> list[tuple[str, Path, list]]:
+    """Steps without a seed: the zero-shot tagger (greedy), KAR knowledge by Qwen2.5-0.5B, the CTR runs (which
+    train each seed themselves)."""
+    steps = []
+    if "tags" in stages:
+        steps.append(("tags_zeroshot", q / "tags_zeroshot" / "tag_eval.json",
+                      *tag_commands("smollm2", q / "tags_zeroshot", engine)))
+    if "ctr" not in stages:
+        return steps
+    knowledge_args = ["model.name_or_path=qwen2.5-0.5b", f"engine.kind={engine}", "engine.cpu_threads=2",
+                      "sampling.max_tokens=144", "max_failure_rate=0.5"]
+    # the CTR recipes train their own seeds (0 1 2), whatever --seeds says of the LLM stages
+    ctr_args = ["adaptors=[kar]",
+                "variants={ids_only: [], item_text: [item_text], knowledge: [item_text, item_knowledge]}"]
+    kg, km = q / "knowledge_goodbooks", q / "knowledge_movielens"
+    steps += [
+        ("knowledge_goodbooks", kg / "features" / "features.parquet",
+         ["generate", "generate/recipes/goodbooks_item_knowledge.yaml",
+          "input.path=sample://goodbooks_10k_ratings_subset/items.jsonl.gz", "input.limit=null", *knowledge_args,
+          f"out_dir={kg}"],
+         ["generate-export", str(kg), "--out", str(kg / "features" / "features.parquet")]),
+        ("ctr_goodbooks", q / "ctr_goodbooks" / "report.json",
+         ["eval", "ctr", "align/recipes/ctr_goodbooks.yaml", f"out_dir={q / 'ctr_goodbooks'}",
+          f"inputs.knowledge={kg / 'features'}", *ctr_args]),
+    ]
+    if not (Path(MOVIELENS) / "items.jsonl.gz").is_file():
+        print(f"MovieLens-100K not found at {MOVIELENS} (MOVIELENS=...): its CTR row is skipped")
+        return steps
+    ml = {f"inputs.{k}.path={MOVIELENS}/{k}.jsonl.gz" for k in ("interactions", "items", "users")}
+    steps += [
+        ("knowledge_movielens", km / "features" / "features.parquet",
+         ["generate", "generate/recipes/movielens_item_knowledge.yaml", f"input.path={MOVIELENS}/items.jsonl.gz",
+          *knowledge_args, f"out_dir={km}"],
+         ["generate-export", str(km), "--out", str(km / "features" / "features.parquet")]),
+        ("ctr_movielens", q / "ctr_movielens" / "report.json",
+         ["eval", "ctr", "align/recipes/ctr_ml100k.yaml", f"out_dir={q / 'ctr_movielens'}", *sorted(ml),
+          f"inputs.knowledge={km / 'features'}", *ctr_args]),
+    ]
+    return steps
+
+
+def run_steps(steps, q: Path) -> None:
+    """Run each unfinished step (a step = one or more commands), logging to <runs>/logs/, timing to steps.json."""
+    timing_file = q / "steps.json"
+    timings = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
+    for name, done, *commands in steps:
+        if done.is_file():
+            print(f"[done] {name}")
+            continue
+        log = q / "logs" / f"{name.replace('/', '_')}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        print(f"[run ] {name} (log {log})", flush=True)
+        t0 = time.perf_counter()
+        with log.open("w") as out:
+            for cmd in commands:
+                out.write("$ recforge " + " ".join(cmd) + "\n")
+                out.flush()
+                if subprocess.call([*RF, *cmd], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT) != 0:
+                    raise SystemExit(f"quality step {name} failed: see {log}")
+        timings[name] = {"seconds": round(time.perf_counter() - t0, 1), "load_average_1min": os.getloadavg()[0],
+                         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        atomic_write_json(timing_file, timings)
+        print(f"       {timings[name]['seconds']} s", flush=True)
+
+
+# ---------------------------------------------------------------------------- the table
+
+
+def load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def stats(values: list[float]) -> dict | None:
+    if not values:
+        return None
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values), "values": values}
+
+
+def per_seed(q: Path, seeds: list[int], rel: str, pick) -> list[float]:
+    out = []
+    for seed in seeds:
+        data = load(q / f"seed{seed}" / rel)
+        if data is not None:
+            out.append(pick(data))
+    return out
+
+
+def cpt_table(q: Path, seeds: list[int]) -> dict:
+    rows = {}
+    for arm in ("cpt", "cpt_noreplay"):
+        for seed in seeds:
+            report = load(q / f"seed{seed}" / arm / "report.json")
+            if report is None:
+                continue
+            for source, r in report["sources"].items():
+                row = rows.setdefault(source, {"before": r["before"]["perplexity"], "cpt": [], "cpt_noreplay": []})
+                row[arm].append(r["after"]["perplexity"])
+    table = {}
+    for source, row in rows.items():
+        entry = {"before": row["before"]}
+        for arm in ("cpt", "cpt_noreplay"):
+            entry[arm] = stats(row[arm])
+            entry[f"{arm}_change"] = stats([v / row["before"] - 1 for v in row[arm]])
+        table[source] = entry
+    domain = [s for s in table if s != "general"]
+    general = table.get("general", {}).get("cpt_change")
+    table["goals"] = {
+        "domain_minus_20pct": {s: _max_le(table[s]["cpt_change"], -0.20) for s in domain},
+        "general_with_replay_within_plus_5pct": _max_le(general, 0.05),
+    }
+    return table
+
+
+def _max_le(st: dict | None, bound: float) -> bool | None:
+    """Met on every seed: the worst seed is at or below the bound."""
+    return None if st is None else max(st["values"]) <= bound
+
+
+def tags_table(q: Path, seeds: list[int]) -> dict:
+    p5 = per_seed(q, seeds, "tags/tag_eval.json", lambda e: e["precision@5"])
+    r5 = per_seed(q, seeds, "tags/tag_eval.json", lambda e: e["recall@5"])
+    zero = load(q / "tags_zeroshot" / "tag_eval.json")
+    first = next((load(q / f"seed{s}" / "tags" / "tag_eval.json") for s in seeds
+                  if (q / f"seed{s}" / "tags" / "tag_eval.json").is_file()), None) or zero or {}
+    return {"sft_p@5": stats(p5), "sft_r@5": stats(r5),
+            "zero_shot_p@5": None if zero is None else zero["precision@5"],
+            "zero_shot_failed_rows": None if zero is None else zero.get("failed_rows"),
+            "popular_baseline_p@5": (first.get("popular_baseline") or {}).get("precision@5"),
+            "books": first.get("books"),
+            "goals": {"p@5_ge_0.61": None if not p5 else statistics.fmean(p5) >= 0.61}}
+
+
+def relevance_table(q: Path, seeds: list[int]) -> dict:
+    f1 = per_seed(q, seeds, "relevance/metrics.json", lambda m: m["macro_f1"])
+    acc = per_seed(q, seeds, "relevance/metrics.json", lambda m: m["accuracy"])
+    base = next((load(q / f"seed{s}" / "relevance" / "metrics.json") for s in seeds
+                 if (q / f"seed{s}" / "relevance" / "metrics.json").is_file()), None) or {}
+    return {"macro_f1": stats(f1), "accuracy": stats(acc), "majority_baseline": base.get("baseline_majority_label"),
+            "n_eval": base.get("n_eval"), "goals": {"macro_f1_ge_0.35": None if not f1 else statistics.fmean(f1) >= 0.35}}
+
+
+def align_table(q: Path, seeds: list[int]) -> dict:
+    def ndcg(run: str, which: str) -> list[float]:
+        return per_seed(q, seeds, f"{run}/eval/retrieval_metrics.json", lambda m: m["results"][which]["ndcg@10"])
+
+    table = {"smollm2_base": stats(ndcg("align_llm", "base")), "smollm2_aligned": stats(ndcg("align_llm", "tuned")),
+             "smollm2_cpt": stats(ndcg("align_llm_cpt", "base")),
+             "smollm2_cpt_aligned": stats(ndcg("align_llm_cpt", "tuned")),
+             "minilm_untuned": stats(ndcg("align_minilm", "base")), "minilm_aligned": stats(ndcg("align_minilm", "tuned"))}
+    mean = {k: (v or {}).get("mean") for k, v in table.items()}
+    known = all(mean[k] is not None for k in ("smollm2_aligned", "minilm_untuned", "smollm2_cpt_aligned"))
+    table["goals"] = {
+        "aligned_smollm2_ge_untuned_minilm": None if not known else mean["smollm2_aligned"] >= mean["minilm_untuned"],
+        "cpt_aligned_ge_base_aligned": None if not known else mean["smollm2_cpt_aligned"] >= mean["smollm2_aligned"]}
+    return table
+
+
+def ctr_table(q: Path) -> dict:
+    table = {}
+    for dataset in ("goodbooks", "movielens"):
+        report = load(q / f"ctr_{dataset}" / "report.json")
+        if report is None or report.get("status") != "done":
+            table[dataset] = {"status": "not run" if report is None else f"{report['status']}: {report.get('reason')}"}
+            continue
+        by_seed: dict[str, dict[int, float]] = {}
+        for r in report["runs"]:
+            by_seed.setdefault(r["variant"], {})[r["seed"]] = r["test_auc"]
+        ids = by_seed.get("ids_only", {})
+        entry = {"ids_only": stats(list(ids.values()))}
+        for variant in ("item_text", "knowledge"):
+            aucs = by_seed.get(variant, {})
+            deltas = [aucs[s] - ids[s] for s in sorted(aucs) if s in ids]
+            entry[variant] = stats(list(aucs.values()))
+            entry[f"{variant}_delta"] = stats(deltas)
+        kd = entry.get("knowledge_delta")
+        entry["goals"] = {"knowledge_ge_ids_plus_0.005_every_seed": None if not kd else min(kd["values"]) >= 0.005}
+        table[dataset] = entry
+    return table
+
+
+def fmt(st: dict | None, digits: int = 4, pct: bool = False) -> str:
+    if st is None:
+        return "not run"
+    if pct:
+        return f"{100 * st['mean']:+.1f} % ± {100 * st['sd']:.1f}"
+    return f"{st['mean']:.{digits}f} ± {st['sd']:.{digits}f}"
+
+
+def goal(flag: bool | None) -> str:
+    return {True: "met", False: "**missed**", None: "not measured"}[flag]
+
+
+def markdown(report: dict) -> str:
+    lines = ["# recforge quality on held-out data (`make quality`, bench/quality.py)", "",
+             f"Seeds {report['seeds']} (mean ± sd over seeds). LLM: SmolLM2-135M-Instruct; CTR knowledge: "
+             "Qwen2.5-0.5B-Instruct (Q4_K_M GGUF, dequantised); text encoder for CTR: MiniLM. "
+             f"Engine for generation: {report['engine']}. Steps' wall time: {report['run_seconds']:.0f} s.", ""]
+    cpt = report["cpt"]
+    lines += ["## CPT: held-out perplexity of SmolLM2 (LoRA, the demo recipe)", "",
+              "| text | before | after, with replay | change | after, without replay | change |", "|---|---|---|---|---|---|"]
+    for source, e in cpt.items():
+        if source == "goals":
+            continue
+        lines.append(f"| {source} | {e['before']:.2f} | {fmt(e['cpt'], 2)} | {fmt(e['cpt_change'], pct=True)} | "
+                     f"{fmt(e['cpt_noreplay'], 2)} | {fmt(e['cpt_noreplay_change'], pct=True)} |")
+    g = cpt.get("goals", {})
+    lines += ["", f"Goals: domain −20 % or better on every seed: "
+              + ", ".join(f"{s} {goal(v)}" for s, v in g.get("domain_minus_20pct", {}).items())
+              + f"; general text with replay within +5 % of the base: {goal(g.get('general_with_replay_within_plus_5pct'))}.", ""]
+    t = report["tags"]
+    lines += ["## Tags: P@5 vs shelf tags on held-out goodbooks books", "",
+              "| tagger | P@5 | R@5 |", "|---|---|---|",
+              f"| SFT'd SmolLM2 (from the CPT'd model) | {fmt(t['sft_p@5'])} | {fmt(t['sft_r@5'])} |",
+              f"| zero-shot SmolLM2-Instruct, regex-constrained | {t['zero_shot_p@5']} | |",
+              f"| most popular training tags | {t['popular_baseline_p@5']} | |", "",
+              f"Goal P@5 ≥ 0.61: {goal(t['goals']['p@5_ge_0.61'])} ({t['books']} books).", ""]
+    r = report["relevance"]
+    major = r["majority_baseline"] or {}
+    lines += ["## Relevance: SmolLM2 SFT on ESCI (from the CPT'd model), held-out queries", "",
+              "| model | macro-F1 | accuracy |", "|---|---|---|",
+              f"| SFT'd SmolLM2 | {fmt(r['macro_f1'])} | {fmt(r['accuracy'])} |",
+              f"| always `{major.get('label')}` (the majority grade) | {major.get('macro_f1', 0):.4f} | {major.get('accuracy', 0):.4f} |",
+              "", f"Goal macro-F1 ≥ 0.35: {goal(r['goals']['macro_f1_ge_0.35'])} ({r['n_eval']} held-out examples).", ""]
+    a = report["align"]
+    lines += ["## Align: ESCI NDCG@10 on held-out queries", "", "| model | NDCG@10 |", "|---|---|"]
+    for key, label in (("smollm2_base", "SmolLM2 base, untuned (last token)"), ("smollm2_aligned", "SmolLM2 aligned"),
+                       ("smollm2_cpt", "SmolLM2 CPT'd, untuned"), ("smollm2_cpt_aligned", "SmolLM2 CPT'd then aligned"),
+                       ("minilm_untuned", "MiniLM untuned"), ("minilm_aligned", "MiniLM aligned")):
+        lines.append(f"| {label} | {fmt(a[key])} |")
+    lines += ["", f"Goals: aligned SmolLM2 ≥ untuned MiniLM: {goal(a['goals']['aligned_smollm2_ge_untuned_minilm'])}; "
+              f"CPT'd-then-aligned ≥ base-aligned: {goal(a['goals']['cpt_aligned_ge_base_aligned'])}.", ""]
+    lines += ["## CTR: test AUC (DIN + KAR adaptor), knowledge generated by Qwen2.5-0.5B", "",
+              "| data | IDs only | + MiniLM item text | Δ | + text + Qwen knowledge | Δ | goal |", "|---|---|---|---|---|---|---|"]
+    for dataset, e in report["ctr"].items():
+        if "status" in e:
+            lines.append(f"| {dataset} | {e['status']} | | | | | |")
+            continue
+        lines.append(f"| {dataset} | {fmt(e['ids_only'])} | {fmt(e['item_text'])} | {fmt(e['item_text_delta'])} | "
+                     f"{fmt(e['knowledge'])} | {fmt(e['knowledge_delta'])} | "
+                     f"{goal(e['goals']['knowledge_ge_ids_plus_0.005_every_seed'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def build_report(q: Path, seeds: list[int], engine: str) -> dict:
+    timings = load(q / "steps.json") or {}
+    report = {"what": "held-out quality of the real-LLM pipeline (bench/quality.py)", "seeds": seeds, "engine": engine,
+              "cpus": os.cpu_count(), "torch_threads": _torch_threads(),
+              "run_seconds": sum(t["seconds"] for t in timings.values()), "steps": timings,
+              "cpt": cpt_table(q, seeds), "tags": tags_table(q, seeds), "relevance": relevance_table(q, seeds),
+              "align": align_table(q, seeds), "ctr": ctr_table(q)}
+    return report
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--runs", default="runs/quality", help="where every step writes (resumable)")
+    ap.add_argument("--out", default="bench/results/quality")
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args()
+    q = (ROOT / args.runs).resolve()
+    engine = engine_kind()
+    if not args.report_only:
+        stages = set(args.stages)
+        steps = [step for seed in args.seeds for step in seed_steps(q, seed, stages, engine)]
+        run_steps(steps + shared_steps(q, stages, engine), q)
+    report = build_report(q, args.seeds, engine)
+    out = ROOT / args.out
+    atomic_write_json(out.with_suffix(".json"), report)
+    atomic_write_text(out.with_suffix(".md"), markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
