@@ -282,12 +282,13 @@ def ctr_table(q: Path) -> dict:
     return table
 
 
-def fmt(st: dict | None, digits: int = 4, pct: bool = False) -> str:
+def fmt(st: dict | None, digits: int = 4, pct: bool = False, signed: bool = False) -> str:
     if st is None:
         return "not run"
+    short = "" if st["n"] >= 3 else f" (n={st['n']})"  # a cell with fewer seeds than the table says so
     if pct:
-        return f"{100 * st['mean']:+.1f} % ± {100 * st['sd']:.1f}"
-    return f"{st['mean']:.{digits}f} ± {st['sd']:.{digits}f}"
+        return f"{100 * st['mean']:+.1f} % ± {100 * st['sd']:.1f}{short}"
+    return f"{st['mean']:{'+' if signed else ''}.{digits}f} ± {st['sd']:.{digits}f}{short}"
 
 
 def goal(flag: bool | None) -> str:
@@ -339,8 +340,8 @@ def markdown(report: dict) -> str:
         if "status" in e:
             lines.append(f"| {dataset} | {e['status']} | | | | | |")
             continue
-        lines.append(f"| {dataset} | {fmt(e['ids_only'])} | {fmt(e['item_text'])} | {fmt(e['item_text_delta'])} | "
-                     f"{fmt(e['knowledge'])} | {fmt(e['knowledge_delta'])} | "
+        lines.append(f"| {dataset} | {fmt(e['ids_only'])} | {fmt(e['item_text'])} | {fmt(e['item_text_delta'], signed=True)} | "
+                     f"{fmt(e['knowledge'])} | {fmt(e['knowledge_delta'], signed=True)} | "
                      f"{goal(e['goals']['knowledge_ge_ids_plus_0.005_every_seed'])} |")
     return "\n".join(lines) + "\n"
 
