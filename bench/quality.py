@@ -189,6 +189,11 @@ def per_seed(q: Path, seeds: list[int], rel: str, pick) -> list[float]:
     return out
 
 
+def first_present(q: Path, seeds: list[int], rel: str) -> dict:
+    """The first seed's file of a step that ran (for what every seed shares: baselines, sizes)."""
+    return next((load(q / f"seed{s}" / rel) for s in seeds if (q / f"seed{s}" / rel).is_file()), None) or {}
+
+
 def cpt_table(q: Path, seeds: list[int]) -> dict:
     rows = {}
     for arm in ("cpt", "cpt_noreplay"):
@@ -224,8 +229,7 @@ def tags_table(q: Path, seeds: list[int]) -> dict:
     p5 = per_seed(q, seeds, "tags/tag_eval.json", lambda e: e["precision@5"])
     r5 = per_seed(q, seeds, "tags/tag_eval.json", lambda e: e["recall@5"])
     zero = load(q / "tags_zeroshot" / "tag_eval.json")
-    first = next((load(q / f"seed{s}" / "tags" / "tag_eval.json") for s in seeds
-                  if (q / f"seed{s}" / "tags" / "tag_eval.json").is_file()), None) or zero or {}
+    first = first_present(q, seeds, "tags/tag_eval.json") or zero or {}
     return {"sft_p@5": stats(p5), "sft_r@5": stats(r5),
             "zero_shot_p@5": None if zero is None else zero["precision@5"],
             "zero_shot_failed_rows": None if zero is None else zero.get("failed_rows"),
@@ -237,8 +241,7 @@ def tags_table(q: Path, seeds: list[int]) -> dict:
 def relevance_table(q: Path, seeds: list[int]) -> dict:
     f1 = per_seed(q, seeds, "relevance/metrics.json", lambda m: m["macro_f1"])
     acc = per_seed(q, seeds, "relevance/metrics.json", lambda m: m["accuracy"])
-    base = next((load(q / f"seed{s}" / "relevance" / "metrics.json") for s in seeds
-                 if (q / f"seed{s}" / "relevance" / "metrics.json").is_file()), None) or {}
+    base = first_present(q, seeds, "relevance/metrics.json")
     return {"macro_f1": stats(f1), "accuracy": stats(acc), "majority_baseline": base.get("baseline_majority_label"),
             "n_eval": base.get("n_eval"), "goals": {"macro_f1_ge_0.35": None if not f1 else statistics.fmean(f1) >= 0.35}}
 
@@ -348,12 +351,11 @@ def markdown(report: dict) -> str:
 
 def build_report(q: Path, seeds: list[int], engine: str) -> dict:
     timings = load(q / "steps.json") or {}
-    report = {"what": "held-out quality of the real-LLM pipeline (bench/quality.py)", "seeds": seeds, "engine": engine,
+    return {"what": "held-out quality of the real-LLM pipeline (bench/quality.py)", "seeds": seeds, "engine": engine,
               "cpus": os.cpu_count(), "torch_threads": _torch_threads(),
               "run_seconds": sum(t["seconds"] for t in timings.values()), "steps": timings,
               "cpt": cpt_table(q, seeds), "tags": tags_table(q, seeds), "relevance": relevance_table(q, seeds),
               "align": align_table(q, seeds), "ctr": ctr_table(q)}
-    return report
 
 
 def _torch_threads() -> int:
