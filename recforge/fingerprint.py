@@ -75,6 +75,21 @@ def file_sha256(path: str | os.PathLike, cache: dict | None = None) -> str:
     return digest
 
 
+def files_sha256(paths: dict[str, str | os.PathLike]) -> dict[str, str | None]:
+    """{name: content sha256} of each file, through the cache (None for a folder or a missing path)."""
+    from recforge.io import resolve_path
+
+    cache = _load_cache()
+    before = dict(cache)
+    out: dict[str, str | None] = {}
+    for name, path in paths.items():
+        p = resolve_path(path)
+        out[name] = file_sha256(p, cache) if p.is_file() else None
+    if cache != before:
+        _save_cache(cache)
+    return out
+
+
 def relevant_files(root: Path, suffixes: tuple[str, ...] = MODEL_SUFFIXES) -> list[Path]:
     """The files of `root` (and its sub-folders, e.g. sentence-transformers modules) that are hashed."""
     found = []

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import hashlib
 import json
 import os
 import tempfile
@@ -56,12 +55,14 @@ def open_text(path: str | os.PathLike, errors: str = "strict") -> IO[str]:
     return open(path, encoding="utf-8", errors=errors, newline="")
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(resolve_path(path), "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def sha256_file(path: str | os.PathLike) -> str:
+    """Content sha256 of a file: the project's one file digest (`recforge.fingerprint`, cached by path, mtime, size)."""
+    from recforge.fingerprint import files_sha256
+
+    digest = files_sha256({"file": path})["file"]
+    if digest is None:
+        raise FileNotFoundError(f"not a file: {path}")
+    return digest
 
 
 @contextlib.contextmanager

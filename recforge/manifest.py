@@ -5,12 +5,18 @@ reason, library versions, the git commit, the seed, the number of processes (`wo
 rule (`split_rule`: the recipe's `split:` section, or the project default of `recforge.splits` for a run whose
 recipe has none), so a run can be audited and reproduced, and a chain of runs checked for one shared evaluation split.
 
+`manifest.json` is also the run's completion marker (`recforge.runstate`): constructing a `RunRecorder` writes it
+with `"status": "running"` (and writes `resolved_config.yaml`), `finish()` rewrites it with `"status":
+"complete"` as the run's last write. So a recorder is built only once the run's checks have passed (a refused
+resume leaves the previous run's files untouched), and whatever a killed run left is never read as finished.
+
 Under `accelerate launch` / `torchrun` every rank builds a recorder, but only the main process writes
 (`recforge.distributed`): one `resolved_config.yaml` and one `manifest.json` per run.
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -25,6 +31,7 @@ from pydantic import BaseModel
 from recforge.config import dump_config
 from recforge.distributed import is_main_process, world_size
 from recforge.io import atomic_write_json, atomic_write_text, resolve_path, sha256_file
+from recforge.runstate import COMPLETE, RUNNING
 
 TRACKED_PACKAGES = ("recforge", "torch", "transformers", "peft", "trl", "datasets", "sentence-transformers", "vllm")
 
@@ -74,8 +81,10 @@ class RunRecorder:
         self.rejects: Counter[str] = Counter()
         self.extra: dict[str, Any] = {}
         self.main = is_main_process()
-        if config is not None and self.main:
-            atomic_write_text(self.out_dir / "resolved_config.yaml", dump_config(config))
+        if self.main:
+            if config is not None:
+                atomic_write_text(self.out_dir / "resolved_config.yaml", dump_config(config))
+            atomic_write_json(self.out_dir / "manifest.json", {"status": RUNNING, **self.header()})
 
     def add_input(self, path: str | Path, name: str | None = None, rows: int | None = None) -> None:
         resolved = resolve_path(path)
@@ -97,10 +106,14 @@ class RunRecorder:
             return {"source": "recipe", **rule.model_dump(include={"salt", "eval_percent"})}
         return {"source": "project default (recforge.splits)", **DEFAULT_RULE.model_dump()}
 
+    def header(self) -> dict[str, Any]:
+        return {"command": self.command, "pid": os.getpid(),
+                "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started))}
+
     def to_dict(self) -> dict[str, Any]:
         return {
-            "command": self.command,
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
+            "status": COMPLETE,
+            **self.header(),
             "elapsed_s": round(time.time() - self.started, 3),
             "seed": self.seed,
             "world_size": world_size(),
