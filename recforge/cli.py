@@ -8,6 +8,7 @@ their heavy libraries lazily so `recforge --help` stays fast. Errors in the user
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import sys
@@ -99,6 +100,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def full_disk_message(err: OSError) -> str:
+    """One line for a full disk: the file, the space left on its disk, and that a rerun resumes."""
+    import shutil
+    from pathlib import Path
+
+    where = Path(err.filename) if err.filename else None
+    free = ""
+    if where is not None:
+        probe = next((p for p in (where, *where.parents) if p.exists()), None)
+        if probe is not None:
+            free = f" ({shutil.disk_usage(probe).free / 2**20:.1f} MiB free there)"
+    return (f"no space left on the device writing {where or 'an output file'}{free}; free some space (the run needs "
+            "at least its output's size again) and rerun the same command: finished outputs are kept, unfinished ones are not used")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -107,6 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     except RecforgeError as err:
         print(f"recforge: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        print(f"recforge: error: {full_disk_message(err)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("recforge: interrupted", file=sys.stderr)
         return 130

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import json
 import os
@@ -48,11 +49,12 @@ def parquet_files(path: str | os.PathLike, what: str, recursive: bool = False) -
 
 
 def open_text(path: str | os.PathLike, errors: str = "strict") -> IO[str]:
-    """Open a text file for reading, transparently un-gzipping `.gz`."""
+    """Open a text file for reading, transparently un-gzipping `.gz`; a UTF-8 byte order mark is dropped
+    (utf-8-sig), so it does not become part of the first row or the first CSV header."""
     path = resolve_path(path)
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", errors=errors, newline="")
-    return open(path, encoding="utf-8", errors=errors, newline="")
+        return gzip.open(path, "rt", encoding="utf-8-sig", errors=errors, newline="")
+    return open(path, encoding="utf-8-sig", errors=errors, newline="")
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -63,6 +65,18 @@ def sha256_file(path: str | os.PathLike) -> str:
     if digest is None:
         raise FileNotFoundError(f"not a file: {path}")
     return digest
+
+
+@contextlib.contextmanager
+def naming_full_disk(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raise a full disk (ENOSPC) as an OSError naming the file being written: a plain write() error names
+    none, and the CLI's one-line message must say where the space ran out."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno == errno.ENOSPC and not err.filename:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+        raise
 
 
 @contextlib.contextmanager
@@ -77,9 +91,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
+        with naming_full_disk(path):
+            yield tmp_path
+            with open(tmp_path, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -125,11 +140,13 @@ class JsonlAppender:
         self._f = open(self.path, "a", encoding="utf-8")
 
     def write(self, obj: dict) -> None:
-        self._f.write(json.dumps(obj, ensure_ascii=False, default=str) + "\n")
+        with naming_full_disk(self.path):
+            self._f.write(json.dumps(obj, ensure_ascii=False, default=str) + "\n")
 
     def flush(self) -> None:
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        with naming_full_disk(self.path):
+            self._f.flush()
+            os.fsync(self._f.fileno())
 
     def close(self) -> None:
         if not self._f.closed:
