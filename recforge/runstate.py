@@ -77,7 +77,10 @@ def output_lock(out_dir: str | os.PathLike, command: str) -> Iterator[Path]:
         try:
             yield out
         finally:
-            _write_lock(fd, {**_read_lock(fd), "released": True})
+            try:
+                _write_lock(fd, {**_read_lock(fd), "released": True})
+            except OSError:
+                pass  # a full disk must not hide the run's own error; the unmarked lock only reads as stale later
     finally:
         os.close(fd)  # closing the descriptor releases the flock
 
