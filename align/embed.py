@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from recforge.readers import RejectLog, SourceConfig, read_items
 from recforge.fingerprint import folder_digest
 from recforge.io import atomic_write_json, sha256_file, write_parquet_atomic
 from recforge.manifest import RunRecorder
+from recforge.runstate import output_lock, require_complete
 
 from .align_config import CatalogueSource, EmbedConfig
 
@@ -106,15 +108,28 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def load_model(path: str, max_seq_length: int | None = None, device: str = "auto", compute_dtype: str = "float32"):
-    from sentence_transformers import SentenceTransformer
-
-    from recforge.models import resolve_model
+def checked_model_folder(path: str, what: str = "model") -> str:
+    """The folder of an encoder to load (aliases resolved), after `recforge.models.check_model_folder`."""
+    from recforge.models import check_model_folder, resolve_model
 
     path = resolve_model(path)  # `minilm` (and the offline LLM aliases) -> the model folder
     if not Path(path).is_dir():
-        raise RecforgeError(f"model: not a folder: {path}")
-    model = SentenceTransformer(path, device=resolve_device(device))
+        raise RecforgeError(f"{what}: not a folder: {path}")
+    check_model_folder(path, what)
+    return path
+
+
+def load_model(path: str, max_seq_length: int | None = None, device: str = "auto", compute_dtype: str = "float32",
+               what: str = "model"):
+    path = checked_model_folder(path, what)  # before the (slow) import: a refused folder is refused at once
+    device = resolve_device(device)
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        model = SentenceTransformer(path, device=device)
+    except Exception as err:  # a hostile or broken folder: many loader exception types, one line for the user
+        raise RecforgeError(f"{what} {path}: does not load as a sentence-transformers model: "
+                            f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}") from None
     if max_seq_length:
         model.max_seq_length = max_seq_length
     return with_compute_dtype(model, compute_dtype)
@@ -182,18 +197,65 @@ def model_digest(path: str) -> str:
     return folder_digest(resolve_model(path))
 
 
-def run_embed(cfg: EmbedConfig) -> dict:
+REJECTS, PLAN = "rejects.jsonl", "plan.json"
+# What an earlier run left in out_dir that `overwrite` discards (the lock, the manifest and the config are rewritten).
+PREVIOUS_OUTPUTS = (PLAN, "shards", "index.faiss", "index_ids.json", REJECTS)
+
+
+def run_embed(cfg: EmbedConfig, overwrite: bool = False) -> dict:
+    """Embed the catalogue into out_dir, resuming an earlier run there with the same plan.
+
+    One writer at a time (`output_lock`). Every check (catalogue, model, plan) runs before anything is written:
+    a refused resume leaves the previous run's files byte-identical. `overwrite` discards an earlier run's
+    outputs instead of refusing a changed plan."""
+    out_dir = Path(cfg.out_dir)
+    with output_lock(out_dir, "embed"):
+        staged = out_dir / f".{REJECTS}.partial"
+        try:
+            return _run_embed(cfg, out_dir, staged, overwrite)
+        finally:
+            staged.unlink(missing_ok=True)
+
+
+def _check_plan(plan_path: Path, plan: dict, catalogue: str, overwrite: bool) -> bool:
+    """True when out_dir holds an earlier run with this very plan (resume). A different plan is refused, one line
+    naming the catalogue file when its content changed; with `overwrite` the earlier outputs are removed."""
+    if not plan_path.is_file():
+        return False
+    try:
+        old = json.loads(plan_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        old = None  # a plan that is not JSON was not written by a run that checked it
+    if old == plan:
+        return True
+    if not overwrite and not isinstance(old, dict):
+        raise RecforgeError(f"{plan_path}: not a readable embed plan; use a new out_dir, or --overwrite to start over")
+    if not overwrite:
+        if old.get("catalogue_sha256") != plan["catalogue_sha256"]:
+            raise RecforgeError(f"{catalogue}: the catalogue's content changed since the run in {plan_path.parent} "
+                                f"started (sha256 {str(old.get('catalogue_sha256'))[:12]}... now {plan['catalogue_sha256'][:12]}...); "
+                                "use a new out_dir, or --overwrite to start over")
+        diff = sorted(k for k in set(plan) | set(old) if old.get(k) != plan.get(k))
+        raise RecforgeError(f"{plan_path}: an earlier run in this out_dir used a different plan ({', '.join(diff)}); "
+                            "use a new out_dir, or --overwrite to start over")
+    for name in PREVIOUS_OUTPUTS:
+        target = plan_path.parent / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    return False
+
+
+def _run_embed(cfg: EmbedConfig, out_dir: Path, staged_rejects: Path, overwrite: bool) -> dict:
     from tqdm.auto import tqdm
 
-    out_dir = Path(cfg.out_dir)
-    run = RunRecorder(out_dir, "embed", cfg)
-    rejects = RejectLog(out_dir / "rejects.jsonl")
-    ids, texts, reject_counts = read_catalogue(cfg.catalogue, rejects, cfg.limit)
-    rejects.close()
-    run.rejects.update(reject_counts)
-    run.add_input(cfg.catalogue.path, name="catalogue", rows=len(ids))
+    require_complete(cfg.catalogue.path, "catalogue.path")
+    staged_rejects.unlink(missing_ok=True)  # a killed run's leftovers: this run's rejects only
+    rejects = RejectLog(staged_rejects)
+    try:
+        ids, texts, reject_counts = read_catalogue(cfg.catalogue, rejects, cfg.limit)
+    finally:
+        rejects.close()
     if not ids:
-        raise RecforgeError(f"{cfg.catalogue.path}: no usable items (see {out_dir / 'rejects.jsonl'})")
+        raise RecforgeError(f"{cfg.catalogue.path}: no usable items")
     model = load_model(cfg.model, cfg.max_seq_length, cfg.device, cfg.compute_dtype)
     prompt = (model.prompts or {}).get(cfg.catalogue.prompt_name) if cfg.catalogue.prompt_name else None
     if cfg.catalogue.prompt_name and prompt is None:
@@ -209,6 +271,7 @@ def run_embed(cfg: EmbedConfig) -> dict:
     sorted_texts = [texts[i] for i in order]
     shard_bounds = [(a, min(a + cfg.shard_size, len(order))) for a in range(0, len(order), cfg.shard_size)]
     plan = {
+        # the content, not the path: a catalogue replaced between a kill and the resume must not resume
         "catalogue_sha256": sha256_file(cfg.catalogue.path),
         "model": str(Path(cfg.model).resolve()) if cfg.model != "minilm" else "minilm",
         # The weights' content, not just the path: a model retrained into the same folder must not resume.
@@ -219,14 +282,16 @@ def run_embed(cfg: EmbedConfig) -> dict:
         **({"compute_dtype": cfg.compute_dtype} if cfg.compute_dtype != "float32" else {}),
         "prompt": prompt, "max_seq_length": model.max_seq_length,
     }
-    plan_path = out_dir / "plan.json"
-    if plan_path.is_file():
-        old = json.loads(plan_path.read_text())
-        if old != plan:
-            diff = sorted(k for k in plan if old.get(k) != plan.get(k))
-            raise RecforgeError(f"{plan_path}: an earlier run in this out_dir used a different plan ({', '.join(diff)}); "
-                                "use a new out_dir or delete the old one")
-    else:
+    plan_path = out_dir / PLAN
+    resuming = _check_plan(plan_path, plan, cfg.catalogue.path, overwrite)
+
+    # The checks passed: from here on this run owns out_dir's bookkeeping.
+    run = RunRecorder(out_dir, "embed", cfg)
+    staged_rejects.touch()
+    staged_rejects.replace(out_dir / REJECTS)  # per run: a rerun's rejects replace the previous run's
+    run.rejects.update(reject_counts)
+    run.add_input(cfg.catalogue.path, name="catalogue", rows=len(ids))
+    if not resuming:
         atomic_write_json(plan_path, plan)
 
     shard_dir = out_dir / "shards"

@@ -129,17 +129,26 @@ def run_eval_retrieval(cfg) -> dict:
     """`recforge eval retrieval`: every model in `cfg.models` on the same held-out queries, side by side."""
     from recforge.manifest import RunRecorder
 
-    from .embed import load_model
+    from recforge.runstate import output_lock
+
+    from .embed import checked_model_folder, load_model
     from .pairs import load_for_run
 
     out_dir = Path(cfg.out_dir)
-    run = RunRecorder(out_dir, "eval retrieval", cfg, cfg.seed)
-    data = load_for_run(cfg.data, cfg.split, run)
-    results = {}
-    for name, path in cfg.models.items():
-        results[name] = evaluate_model(load_model(path, device=cfg.device), data.task, cfg.eval.k_values, cfg.eval.batch_size)
-    report = write_report(results, out_dir, f"{data.task.name}: " + " vs ".join(results), {"models": cfg.models})
-    run.add_output("retrieval_metrics", report["json"])
-    run.extra["metrics"] = results
-    run.finish()
-    return report
+    with output_lock(out_dir, "eval retrieval"):
+        # A hostile model folder (pickled weights, remote code) is refused before this run writes anything; a
+        # missing one is reported when it is loaded, after the data's own errors.
+        for name, path in cfg.models.items():
+            if Path(path).is_dir():
+                checked_model_folder(path, f"models.{name}")
+        run = RunRecorder(out_dir, "eval retrieval", cfg, cfg.seed)
+        data = load_for_run(cfg.data, cfg.split, run)
+        results = {}
+        for name, path in cfg.models.items():
+            model = load_model(path, device=cfg.device, what=f"models.{name}")
+            results[name] = evaluate_model(model, data.task, cfg.eval.k_values, cfg.eval.batch_size)
+        report = write_report(results, out_dir, f"{data.task.name}: " + " vs ".join(results), {"models": cfg.models})
+        run.add_output("retrieval_metrics", report["json"])
+        run.extra["metrics"] = results
+        run.finish()
+        return report

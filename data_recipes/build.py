@@ -21,16 +21,18 @@ shards and that no eval id is in a train row across shards, and writes the merge
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import polars as pl
 import yaml
+from pydantic import BaseModel, Field, ValidationError
 
-from recforge.config import RecforgeError
+from recforge.config import RecforgeError, format_validation_error
 from recforge.data_recipes import builders as B
 from recforge.readers import (
     RejectLog,
@@ -47,6 +49,7 @@ from recforge.data_recipes.splits import EVAL, TRAIN
 from recforge.io import resolve_path, write_parquet_shards
 from recforge.manifest import RunRecorder
 from recforge.records import corpus_schema, pairs_schema
+from recforge.runstate import output_lock, read_manifest, unfinished_reason
 from recforge.shards import ShardSpec
 
 CORPUS_NAMES = ("items", "queries", "query_item", "field_targets", "in_context", "reading", "pairs", "replay", "mix")
@@ -150,13 +153,20 @@ def check_shardable(cfg: DataRecipe, shard: ShardSpec) -> None:
 
 
 def run_data(cfg: DataRecipe, strict: bool = False, shard: ShardSpec = ShardSpec()) -> dict[str, Any]:
-    """Build every enabled corpus of the recipe into `cfg.out_dir` (its shard folder with `shard`); returns the manifest."""
-    check_shardable(cfg, shard)
+    """Build every enabled corpus of the recipe into `cfg.out_dir` (its shard folder with `shard`); returns the manifest.
+
+    The folder's writer lock is held for the whole run; the recorder (whose `running` manifest marks the folder
+    unfinished until `finish()`) is built after the checks and before the first write, so a run killed at any
+    point after it - a shard rebuilt in place included - leaves a manifest no consumer takes for finished."""
     out_dir = Path(cfg.out_dir) / shard.folder if shard.active else Path(cfg.out_dir)
-    run = RunRecorder(out_dir, "data", cfg, cfg.seed)
+    with output_lock(out_dir, "data" + (f" --shard {shard.index}/{shard.count}" if shard.active else "")):
+        check_shardable(cfg, shard)
+        return _run_data(cfg, strict, shard, out_dir, RunRecorder(out_dir, "data", cfg, cfg.seed))
+
+
+def _run_data(cfg: DataRecipe, strict: bool, shard: ShardSpec, out_dir: Path, run: RunRecorder) -> dict[str, Any]:
     rejects_path = out_dir / "rejects.jsonl"
-    if rejects_path.exists():
-        rejects_path.unlink()  # a re-run reports its own rejects, not the previous run's too
+    rejects_path.unlink(missing_ok=True)  # per run: a re-run reports (and counts) its own rejects only
     rejects = RejectLog(rejects_path, strict=bool(strict or cfg.strict))
     try:
         inputs = read_inputs(cfg, rejects, run)
@@ -308,7 +318,7 @@ def shard_folders(out_dir: Path) -> list[tuple[ShardSpec, Path]]:
     if not found:
         raise RecforgeError(f"{out_dir}: no shard-IIIII-of-NNNNN folders to merge (run `recforge data RECIPE --shard i/N` first)")
     counts = {f.name.rsplit("-of-", 1)[1] for f in found}
-    if len(counts) != 1:
+    if len(counts) != 1 or not next(iter(counts)).isdigit():
         raise RecforgeError(f"{out_dir}: shard folders of different shard counts ({', '.join(sorted(counts))}); remove the stale ones")
     n = int(counts.pop())
     shards = [ShardSpec(i, n) for i in range(n)]
@@ -318,42 +328,114 @@ def shard_folders(out_dir: Path) -> list[tuple[ShardSpec, Path]]:
     return [(s, out_dir / s.folder) for s in shards]
 
 
+class _ShardInfo(BaseModel):
+    index: int
+    count: int
+
+
+class _ShardCorpus(BaseModel):
+    files: dict[str, list[str]] = Field(default_factory=dict)
+
+
+class _ShardSplits(BaseModel):
+    leakage: dict[str, dict[str, Any]]
+
+
+class ShardManifest(BaseModel):
+    """The parts of a shard's manifest.json that `--merge` reads (anything else in it is ignored)."""
+
+    command: Literal["data"]
+    shard: _ShardInfo
+    corpora: dict[str, _ShardCorpus]
+    splits: _ShardSplits
+    special_tokens: list[str]
+    rejects: dict[str, Any]
+
+
+def read_shard(spec: ShardSpec, folder: Path, recipe: dict) -> dict[str, Any]:
+    """A shard's manifest, once it is known to be finished, of the right shape and of this recipe; else one line
+    naming the shard (a shard rebuilt in place and killed, or a hand-edited manifest, is never merged)."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise RecforgeError(f"{folder}/manifest.json: not a recforge run manifest; rerun this shard")
+    reason = unfinished_reason(manifest)
+    if reason is not None:
+        raise RecforgeError(f"{folder}: shard not finished ({reason}); rerun `recforge data RECIPE --shard "
+                            f"{spec.index}/{spec.count}` to completion before --merge")
+    try:
+        ShardManifest.model_validate(manifest)
+    except ValidationError as err:
+        raise RecforgeError(format_validation_error(err, f"{folder}/manifest.json (not a data shard manifest)")) from None
+    if (manifest["shard"]["index"], manifest["shard"]["count"]) != (spec.index, spec.count):
+        raise RecforgeError(f"{folder}/manifest.json: written by shard {manifest['shard']['index']}/"
+                            f"{manifest['shard']['count']}, not {spec.index}/{spec.count}; rerun this shard")
+    config = folder / "resolved_config.yaml"
+    try:
+        same = yaml.safe_load(config.read_text(encoding="utf-8")) == recipe
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise RecforgeError(f"{config}: unreadable ({type(err).__name__}); rerun this shard") from None
+    if not same:
+        raise RecforgeError(f"{config}: this shard ran a different recipe than {folder.parent}'s; "
+                            "rerun it or merge with the recipe and overrides it was built with")
+    return manifest
+
+
+def read_shard_corpus(name: str, spec: ShardSpec, folder: Path, manifest: dict) -> pl.DataFrame | None:
+    """A shard's rows of one corpus (the files its manifest lists, inside the shard folder), checked to be its own."""
+    info = manifest["corpora"].get(name) or {}
+    files = [folder / f for split_files in info.get("files", {}).values() for f in split_files]
+    if not files:
+        return None
+    for f in files:
+        if not f.resolve().is_relative_to(folder.resolve()) or not f.is_file():
+            raise RecforgeError(f"{folder}/manifest.json: corpus {name} lists {f}, not a file of this shard; rerun this shard")
+    try:
+        frame = pl.read_parquet(files)
+        wrong = frame.height - shard_rows(name, frame, spec).height
+    except (OSError, pl.exceptions.PolarsError) as err:
+        raise RecforgeError(f"{folder}/{name}: unreadable shard corpus ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0][:160] if str(err) else ''}); rerun this shard") from None
+    if wrong:
+        raise RecforgeError(f"{folder}/{name}: {wrong} rows whose group key belongs to another shard")
+    return frame.with_columns(pl.lit(spec.index).alias("_shard"))
+
+
 def merge_shards(cfg: DataRecipe) -> dict[str, Any]:
     """`recforge data RECIPE --merge`: the shards' corpora -> `out_dir/<corpus>/`, checked across shards.
 
     The mix corpus, whose ratios are over whole corpora, is built here from the merged ones.
-    Checks: every shard ran this recipe (its resolved_config.yaml), no row id is in two shards, every row
-    sits in the shard its group key hashes to, every shard's own leakage check passed, and, recomputed on
-    the merged rows, no eval id in a train row for the checks that are over row document ids.
+    Checks: every shard finished (its manifest says complete) and ran this recipe (its resolved_config.yaml),
+    no row id is in two shards, every row sits in the shard its group key hashes to, every shard's own leakage
+    check passed, and, recomputed on the merged rows, no eval id in a train row for the checks that are over row
+    document ids. The merge holds the lock of `out_dir` and of every shard folder: no shard is rebuilt under it.
     """
     from recforge.config import dump_config
 
     out_dir = Path(cfg.out_dir)
-    shards = shard_folders(out_dir)
-    recipe = yaml.safe_load(dump_config(cfg))
-    manifests = []
-    for spec, folder in shards:
-        if yaml.safe_load((folder / "resolved_config.yaml").read_text()) != recipe:
-            raise RecforgeError(f"{folder}/resolved_config.yaml: this shard ran a different recipe than {cfg.out_dir}'s; "
-                                "rerun it or merge with the recipe and overrides it was built with")
-        manifests.append(json.loads((folder / "manifest.json").read_text()))
-    run = RunRecorder(out_dir, "data merge", cfg, cfg.seed)
+    with output_lock(out_dir, "data --merge"), contextlib.ExitStack() as held:
+        shards = shard_folders(out_dir)
+        for _, folder in shards:
+            held.enter_context(output_lock(folder, "data --merge (reading this shard)"))
+        recipe = yaml.safe_load(dump_config(cfg))
+        manifests = [read_shard(spec, folder, recipe) for spec, folder in shards]
+        return _merge(cfg, out_dir, shards, manifests, RunRecorder(out_dir, "data merge", cfg, cfg.seed))
+
+
+def _merge(cfg: DataRecipe, out_dir: Path, shards: list[tuple[ShardSpec, Path]], manifests: list[dict],
+           run: RunRecorder) -> dict[str, Any]:
+    (out_dir / "rejects.jsonl").unlink(missing_ok=True)  # the shards' rejects stay in their folders
     frames, corpora, leakage = {}, {}, {}
     for name in CORPUS_NAMES:
-        parts = []
-        for (spec, folder), manifest in zip(shards, manifests):
-            info = manifest["corpora"].get(name)
-            files = [folder / f for split_files in (info or {}).get("files", {}).values() for f in split_files]
-            if files:
-                frame = pl.read_parquet(files)
-                wrong = frame.height - shard_rows(name, frame, spec).height
-                if wrong:
-                    raise RecforgeError(f"{folder}/{name}: {wrong} rows whose group key belongs to another shard")
-                parts.append(frame.with_columns(pl.lit(spec.index).alias("_shard")))
+        parts = [p for (spec, folder), manifest in zip(shards, manifests)
+                 if (p := read_shard_corpus(name, spec, folder, manifest)) is not None]
         if not parts:
             remove_old_shards(out_dir / name)
             continue
-        merged = pl.concat(parts, how="vertical_relaxed")
+        try:
+            merged = pl.concat(parts, how="vertical_relaxed")
+        except pl.exceptions.PolarsError as err:
+            raise RecforgeError(f"{name}: the shards' corpora do not share one schema ({type(err).__name__}); "
+                                "rerun the shards with one recforge version") from None
         id_col = "pair_id" if name == "pairs" else "row_id"
         dup = merged.group_by(id_col).agg(pl.col("_shard").unique().sort()).filter(pl.col("_shard").list.len() > 1)
         if dup.height:
@@ -397,6 +479,8 @@ def cross_shard_leakage(name: str, merged: pl.DataFrame, manifests: list[dict]) 
         corpus, _, relation = key.partition("/")
         if corpus != name or rep.get("method") != "hash" or key not in DOC_ID_CHECKS:
             continue
+        if not isinstance(rep.get("unit"), str):
+            raise RecforgeError(f"shard 0's manifest.json: splits.leakage.{key} names no id unit; rerun that shard")
         frame = merged
         if relation:
             frame = merged.filter(pl.col("meta").str.json_path_match("$.relation") == relation)

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def _data(args: argparse.Namespace) -> int:
     from recforge.config import load_recipe
-    from recforge.data_recipes.build import run_data
     from recforge.data_recipes.recipe_config import DataRecipe
 
+    cfg = load_recipe(DataRecipe, args.recipe, args.overrides)
+    # a full disk is one line, exit 1, from recforge.cli.main (the run's manifest still says running)
+    return _merge(cfg) if args.merge else _build(cfg, args)
+
+
+def _build(cfg, args: argparse.Namespace) -> int:
+    from recforge.data_recipes.build import run_data
     from recforge.shards import ShardSpec
 
-    cfg = load_recipe(DataRecipe, args.recipe, args.overrides)
-    if args.merge:
-        return _merge(cfg)
     shard = ShardSpec.parse(args.shard)
     manifest = run_data(cfg, strict=args.strict, shard=shard)
     print(f"corpora written to {cfg.out_dir}" + (f"/{shard.folder} (shard {shard.index} of {shard.count})" if shard.active else ""))

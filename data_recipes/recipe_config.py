@@ -7,14 +7,19 @@ A section with `enabled: false` (or whose inputs are missing) is skipped, and th
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from recforge.config import RecipeModel
 from recforge.readers import SourceConfig
 from recforge.data_recipes.serialize import SerializerConfig, TokenCountConfig
 from recforge.data_recipes.splits import SplitConfig
+
+# Numbers a recipe sets are bounded where they are declared, so a bad value (`max_tokens.title=-5`, a negative
+# weight, `nan`) fails at load with one line naming the key instead of emptying a corpus at exit 0.
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+Weight = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 class Inputs(RecipeModel):
@@ -45,7 +50,7 @@ class QueryItemCorpus(RecipeModel):
     """A query followed by its positive items (grade >= min_grade), best first: CPRM joint pre-training."""
 
     enabled: bool = True
-    min_grade: float = 2.0
+    min_grade: Finite = 2.0
     max_items: int = Field(default=8, ge=1)
 
 
@@ -78,10 +83,16 @@ class InContextCorpus(RecipeModel):
     min_docs: int = Field(default=2, ge=1, description="rows with fewer documents are dropped (nothing in context)")
     max_docs: int = Field(default=64, ge=1)
     max_group_size: int = Field(default=256, ge=2, description="largest group kept per key (most engaged first)")
-    min_grade: float = Field(default=2.0, description="judgments at or above this grade count as positive")
-    min_label: float | None = Field(default=None, description="interactions: keep events with label >= this")
+    min_grade: Finite = Field(default=2.0, description="judgments at or above this grade count as positive")
+    min_label: Finite | None = Field(default=None, description="interactions: keep events with label >= this")
     separator: str = "\n\n"
     chunk_rows: int = Field(default=2_000_000, ge=1000, description="group-bys run over at most this many events at a time")
+
+    @model_validator(mode="after")
+    def _docs_range(self):
+        if self.min_docs > self.max_docs:
+            raise ValueError(f"min_docs ({self.min_docs}) must be <= max_docs ({self.max_docs}): no row could be built")
+        return self
 
 
 class ReadingCorpus(RecipeModel):
@@ -96,9 +107,9 @@ class ReadingCorpus(RecipeModel):
 
 class QueryItemPairs(RecipeModel):
     enabled: bool = True
-    min_grade: float = 2.0
+    min_grade: Finite = 2.0
     hard_negatives: bool = True
-    negative_max_grade: float = Field(default=0.0, description="judged items at or below this grade are hard negatives")
+    negative_max_grade: Finite = Field(default=0.0, description="judged items at or below this grade are hard negatives")
 
 
 class ItemItemPairs(RecipeModel):
@@ -107,10 +118,16 @@ class ItemItemPairs(RecipeModel):
     enabled: bool = True
     window: int | None = Field(default=None, ge=1, description="only pairs within this many positions; None = all")
     max_items_per_user: int = Field(default=200, ge=2, description="a user's most recent items considered")
-    min_score: float = 0.01
-    max_score: float = 30.0
+    min_score: float = Field(default=0.01, ge=0, allow_inf_nan=False)
+    max_score: float = Field(default=30.0, gt=0, allow_inf_nan=False)
     top_k: int = Field(default=10, ge=1)
-    min_label: float | None = None
+    min_label: Finite | None = None
+
+    @model_validator(mode="after")
+    def _score_range(self):
+        if self.min_score > self.max_score:
+            raise ValueError(f"min_score ({self.min_score}) must be <= max_score ({self.max_score}): no pair could be kept")
+        return self
 
 
 class UserItemPairs(RecipeModel):
@@ -121,7 +138,7 @@ class UserItemPairs(RecipeModel):
     min_history: int = Field(default=1, ge=1)
     max_pairs_per_user: int = Field(default=20, ge=1)
     history_field: str | None = Field(default="title", description="item field shown in the history (None = full text)")
-    min_label: float | None = None
+    min_label: Finite | None = None
 
 
 class TagPairs(RecipeModel):
@@ -146,7 +163,7 @@ class MixCorpus(RecipeModel):
     """Weighted, seeded interleaving of this run's train corpora (and the replay corpus, named `replay`)."""
 
     enabled: bool = False
-    weights: dict[str, float] = Field(default_factory=dict)
+    weights: dict[str, Weight] = Field(default_factory=dict)
     total_rows: int | None = Field(
         default=None, ge=1, description="None = as many rows as the weights allow without repeating any corpus"
     )
@@ -154,7 +171,7 @@ class MixCorpus(RecipeModel):
 
 class DataRecipe(RecipeModel):
     out_dir: str = "runs/data"
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     inputs: Inputs = Field(default_factory=Inputs)
     serializer: SerializerConfig = Field(default_factory=SerializerConfig)
     token_count: TokenCountConfig = Field(default_factory=TokenCountConfig)

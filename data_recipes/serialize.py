@@ -22,7 +22,7 @@ import random
 import re
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, PositiveInt
 
 from recforge.config import RecforgeError, RecipeModel
 from recforge.records import Item
@@ -41,7 +41,7 @@ class TokenCountConfig(RecipeModel):
     """
 
     method: Literal["whitespace", "chars", "tokenizer"] = "whitespace"
-    chars_per_token: float = Field(default=4.0, gt=0)
+    chars_per_token: float = Field(default=4.0, gt=0, allow_inf_nan=False)
     tokenizer: str | None = None
 
 
@@ -98,8 +98,9 @@ class SerializerConfig(RecipeModel):
     )
     fields: list[str] | None = Field(default=None, description="field order; None = the item's own order, all fields")
     labels: dict[str, str] = Field(default_factory=dict, description="display names, e.g. {authors: By}")
-    max_chars: dict[str, int] = Field(default_factory=dict, description="per-field character budget")
-    max_tokens: dict[str, int] = Field(default_factory=dict, description="per-field token budget (token_count unit)")
+    # a budget below 1 would blank the field in every row (and empty the corpus): refused at load, naming the key
+    max_chars: dict[str, PositiveInt] = Field(default_factory=dict, description="per-field character budget")
+    max_tokens: dict[str, PositiveInt] = Field(default_factory=dict, description="per-field token budget (token_count unit)")
     list_separator: str = ", "
     field_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     keep_fields: list[str] = Field(default_factory=list, description="never dropped by field_dropout")

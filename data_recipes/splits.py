@@ -36,7 +36,7 @@ class SplitConfig(SplitRule):
     )
     time_eval_percent: float = Field(default=10.0, ge=0.0, lt=100.0, description="by=time: share of events after the default cutoff")
     time_cutoff: float | None = Field(
-        default=None, description="by=time: events with timestamp > cutoff are eval (default: a quantile)"
+        default=None, allow_inf_nan=False, description="by=time: events with timestamp > cutoff are eval (default: a quantile)"
     )
     holdout_last: int = Field(default=1, ge=0, description="user sequences: last N interactions of a user held out")
     min_train_events: int = Field(

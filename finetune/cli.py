@@ -13,7 +13,7 @@ def _cpt(args: argparse.Namespace) -> int:
     from .cpt_config import CPTConfig
 
     cfg = load_recipe(CPTConfig, args.recipe, args.overrides)
-    report = run_cpt(cfg, resume=args.resume)
+    report = run_cpt(cfg, resume=args.resume, allow_partial=args.allow_partial)
     for name, r in report.get("sources", {}).items():
         print(f"{name}: perplexity {r['before']['perplexity']:.2f} -> {r['after']['perplexity']:.2f} "
               f"({100 * r['perplexity_change']:+.1f}%)")
@@ -36,7 +36,7 @@ def _sft(args: argparse.Namespace) -> int:
     from .sft_config import SFTConfig
 
     cfg = load_recipe(SFTConfig, args.recipe, args.overrides)
-    metrics = run_sft(cfg, resume=args.resume)
+    metrics = run_sft(cfg, resume=args.resume, allow_partial=args.allow_partial)
     print(json.dumps(metrics, indent=2))
     print(f"model written to {cfg.out_dir}/model")
     return 0
@@ -56,12 +56,19 @@ def _publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_allow_partial(parser) -> None:
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="read inputs whose recforge run did not finish (killed or still running); "
+                             "the run's manifest.json records which (allow_partial)")
+
+
 def add_commands(sub, eval_sub) -> None:
     from recforge.cli import add_recipe_args
 
     cpt = sub.add_parser("cpt", help="continual pre-training (full / LoRA / QLoRA) on corpus Parquet")
     add_recipe_args(cpt)
     cpt.add_argument("--resume", action="store_true", help="continue from the last checkpoint in out_dir/checkpoints")
+    _add_allow_partial(cpt)
     cpt.set_defaults(handler=_cpt)
 
     demo = sub.add_parser("cpt-demo", help="the `make cpt` demo: pre-train on goodbooks, CPT on ESCI with/without replay")
@@ -72,6 +79,7 @@ def add_commands(sub, eval_sub) -> None:
     sft = sub.add_parser("sft", help="supervised fine-tuning with loss on completions only (trl)")
     add_recipe_args(sft)
     sft.add_argument("--resume", action="store_true")
+    _add_allow_partial(sft)
     sft.set_defaults(handler=_sft)
 
     pub = sub.add_parser("publish", help="package a cpt/sft run: adapter, tokenizer, model card, optional merge / hub push")

@@ -1,20 +1,34 @@
-"""Read corpus Parquet (recforge.records.corpus_schema) for training and evaluation."""
+"""Read corpus Parquet (recforge.records.corpus_schema) for training and evaluation.
+
+A corpus written by a recforge run (`recforge data`) is read only once that run finished: a killed or still
+running producer is refused with one line (`recforge.runstate.require_complete`), unless the consumer was run
+with `--allow-partial`, which says so in its own manifest.
+"""
 
 from __future__ import annotations
 
 import random
 
 from recforge.config import RecforgeError
-from recforge.io import parquet_files
+from recforge.io import parquet_files, resolve_path
+from recforge.runstate import require_complete
 
 REQUIRED_COLUMNS = ("row_id", "source", "documents")
 
 
-def corpus_files(path: str) -> list:
+def check_finished(path: str, allow_partial: bool = False) -> str | None:
+    """Refuse a corpus whose producing run did not finish; with `allow_partial` return the note to record."""
+    return require_complete(resolve_path(path), "corpus", allow_partial)
+
+
+def corpus_files(path: str, allow_partial: bool = False) -> list:
     """The Parquet files of a corpus, each checked to open and to hold the corpus columns (schema only, cheap):
-    run before a model is loaded, so a bad corpus path fails in a second with one line, not after minutes."""
+    run before a model is loaded, so a bad corpus path fails in a second with one line, not after minutes.
+    An unfinished producer is refused here too (`allow_partial`: the caller checked and recorded it)."""
     import pyarrow.parquet as pq
 
+    if not allow_partial:
+        check_finished(path)
     files = parquet_files(path, "corpus")
     for f in files:
         try:
@@ -27,19 +41,25 @@ def corpus_files(path: str) -> list:
     return files
 
 
-def read_corpus(path: str, split: str | None = None, max_rows: int | None = None) -> list[dict]:
+def read_corpus(path: str, split: str | None = None, max_rows: int | None = None,
+                allow_partial: bool = False) -> list[dict]:
     """Rows as dicts with `row_id`, `source`, `documents`; rows of another split are skipped.
 
-    A row without a `documents` list falls back to its `text` column as one document.
+    With a `split`, a file without a split column or a row without a split value is refused (one line naming the
+    corpus): such rows cannot be told apart, and taking them for any split would put training rows into held-out
+    perplexity. `split=None` reads every row. A row without a `documents` list falls back to its `text` column.
     """
     import pyarrow.parquet as pq
 
     rows: list[dict] = []
-    for f in corpus_files(path):
+    for f in corpus_files(path, allow_partial):
         table = pq.read_table(f)
+        if split is not None and "split" not in table.column_names:
+            raise RecforgeError(f"corpus {path}: {f.name} has no split column, so its {split!r} rows cannot be told "
+                                "apart; set this source's split: null to read every row")
         cols = [c for c in ("row_id", "source", "documents", "text", "split") if c in table.column_names]
         for row in table.select(cols).to_pylist():
-            if split is not None and row.get("split", split) != split:
+            if split is not None and row_split(row, path, f) != split:
                 continue
             docs = row.get("documents") or ([row["text"]] if row.get("text") else [])
             rows.append({"row_id": row["row_id"], "source": row["source"], "documents": docs})
@@ -48,6 +68,13 @@ def read_corpus(path: str, split: str | None = None, max_rows: int | None = None
     if not rows:
         raise RecforgeError(f"corpus {path}: no rows" + (f" with split == {split!r}" if split else ""))
     return rows
+
+
+def row_split(row: dict, path: str, f) -> str:
+    if not row.get("split"):
+        raise RecforgeError(f"corpus {path}: row {row.get('row_id')!r} of {f.name} has no split value; "
+                            "give every row one, or set this source's split: null to read every row")
+    return row["split"]
 
 
 def weighted_rows(rows: list[dict], weight: float, rng: random.Random) -> list[dict]:

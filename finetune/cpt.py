@@ -20,9 +20,10 @@ from pathlib import Path
 from recforge.config import RecforgeError
 from recforge.io import atomic_write_json
 from recforge.manifest import RunRecorder
+from recforge.runstate import output_lock
 
 from .chunked_loss import chunked_loss_trainer_class
-from .corpus import corpus_files, read_corpus, weighted_rows
+from .corpus import check_finished, corpus_files, read_corpus, weighted_rows
 from .cpt_config import CPTConfig
 from .packing import BatchTrace, build_dataset, make_collator, row_segments
 from .tokens import add_special_tokens, collect_tokens, save_token_info, trainable_token_modules
@@ -131,11 +132,11 @@ def apply_lora(model, cfg: CPTConfig, token_ids: list[int]):
 # ---------------------------------------------------------------------------- data
 
 
-def build_train_dataset(cfg: CPTConfig, tokenizer, run: RunRecorder | None):
+def build_train_dataset(cfg: CPTConfig, tokenizer, run: RunRecorder | None, allow_partial: bool = False):
     rng = random.Random(cfg.seed)
     segments: list[list[int]] = []
     for name, src in cfg.data.train.items():
-        rows = read_corpus(src.path, src.split, src.max_rows)
+        rows = read_corpus(src.path, src.split, src.max_rows, allow_partial)
         if run is not None:
             run.add_input(src.path, name=name, rows=len(rows))
         for row in weighted_rows(rows, src.weight, rng):
@@ -152,11 +153,11 @@ def strip_markup(document: str) -> str:
     return text.strip()
 
 
-def build_eval_datasets(cfg: CPTConfig, tokenizer, run: RunRecorder | None) -> dict:
+def build_eval_datasets(cfg: CPTConfig, tokenizer, run: RunRecorder | None, allow_partial: bool = False) -> dict:
     """One dataset per eval source, documents isolated (per-document perplexity, whatever the training mode)."""
     out = {}
     for name, src in cfg.data.eval.items():
-        rows = read_corpus(src.path, src.split, src.max_rows)
+        rows = read_corpus(src.path, src.split, src.max_rows, allow_partial)
         if run is not None:
             run.add_input(src.path, name=f"eval:{name}", rows=len(rows))
         docs = [[strip_markup(d) for d in row["documents"]] if src.strip_markup else row["documents"] for row in rows]
@@ -212,7 +213,7 @@ def training_arguments(cfg: CPTConfig, out_dir: Path, has_eval: bool):
     )
 
 
-def make_trainer(cfg: CPTConfig, out_dir: Path, run: RunRecorder | None = None):
+def make_trainer(cfg: CPTConfig, out_dir: Path, run: RunRecorder | None = None, allow_partial: bool = False):
     """Model (+ added tokens, + LoRA), datasets, collator and Trainer, ready for `.train()`."""
     from transformers import Trainer
 
@@ -224,8 +225,8 @@ def make_trainer(cfg: CPTConfig, out_dir: Path, run: RunRecorder | None = None):
     token_ids = add_special_tokens(model, tokenizer, tokens, cfg.tokens.init, cfg.tokens.descriptions)
     if cfg.mode in ("lora", "qlora"):
         model = apply_lora(model, cfg, token_ids)
-    train_ds = build_train_dataset(cfg, tokenizer, run)
-    eval_ds = build_eval_datasets(cfg, tokenizer, run)
+    train_ds = build_train_dataset(cfg, tokenizer, run, allow_partial)
+    eval_ds = build_eval_datasets(cfg, tokenizer, run, allow_partial)
     collator = make_collator(cfg.packing, tokenizer.pad_token_id)
     if cfg.training.trace_batches:
         collator = BatchTrace(collator, out_dir / f"batches.rank{args.process_index}.jsonl")
@@ -265,23 +266,49 @@ def last_checkpoint(out_dir: Path) -> str | None:
     return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
 
 
-def run_cpt(cfg: CPTConfig, resume: bool = False) -> dict:
-    """Train, evaluate before/after, save model + tokenizer + report. Returns the report dict."""
+def resume_checkpoint(out_dir: Path, resume: bool) -> str | None:
+    """The checkpoint `--resume` continues from (None without it); none there is an error."""
+    checkpoint = last_checkpoint(out_dir) if resume else None
+    if resume and checkpoint is None:
+        raise RecforgeError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}")
+    return checkpoint
+
+
+def check_corpora(cfg: CPTConfig, allow_partial: bool) -> list[str]:
+    """The cheap checks, before the model loads and before the run writes anything: every corpus exists, holds the
+    corpus columns and comes from a finished run, and a `tokens.from_manifest` run finished. Returns the
+    `--allow-partial` notes of unfinished corpora read anyway (for the manifest)."""
+    notes = []
+    for path in dict.fromkeys(src.path for src in [*cfg.data.train.values(), *cfg.data.eval.values()]):
+        note = check_finished(path, allow_partial)
+        notes += [note] if note else []
+        corpus_files(path, allow_partial=True)  # finished (or allowed) just above
+    collect_tokens(cfg.tokens.add, cfg.tokens.from_manifest)
+    return notes
+
+
+def run_cpt(cfg: CPTConfig, resume: bool = False, allow_partial: bool = False) -> dict:
+    """Train, evaluate before/after, save model + tokenizer + report. Returns the report dict.
+
+    Holds the writer lock of `out_dir` for the whole run; the recorder (the `running` manifest) comes after the
+    checks, so a refused run leaves the folder's previous run as it was."""
+    out_dir = Path(cfg.out_dir)
+    with output_lock(out_dir, "cpt"):
+        checkpoint = resume_checkpoint(out_dir, resume)
+        partial = check_corpora(cfg, allow_partial)
+        run = RunRecorder(out_dir, "cpt", cfg, cfg.seed)
+        if partial:
+            run.extra["allow_partial"] = partial
+        return _train(cfg, out_dir, checkpoint, run, allow_partial)
+
+
+def _train(cfg: CPTConfig, out_dir: Path, checkpoint: str | None, run: RunRecorder, allow_partial: bool) -> dict:
     from transformers import set_seed
 
     from .forgetting import write_forgetting_report
 
-    out_dir = Path(cfg.out_dir)
-    checkpoint = None
-    if resume:
-        checkpoint = last_checkpoint(out_dir)
-        if checkpoint is None:
-            raise RecforgeError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}")
     set_seed(cfg.seed)
-    run = RunRecorder(out_dir, "cpt", cfg, cfg.seed)
-    for src in [*cfg.data.train.values(), *cfg.data.eval.values()]:
-        corpus_files(src.path)  # a bad corpus path fails now, before the model loads
-    trainer = make_trainer(cfg, out_dir, run)
+    trainer = make_trainer(cfg, out_dir, run, allow_partial)
     main = trainer.is_world_process_zero()
 
     before_path = out_dir / EVAL_BEFORE_FILE

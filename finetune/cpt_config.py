@@ -6,11 +6,18 @@ e.g. `recforge cpt finetune/recipes/cpt_esci_tiny.yaml data.train.esci.path=/oth
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
 from recforge.config import RecipeModel
+
+# Bounds on every number a recipe sets (sft_config.py uses them too): a bad value fails at load with one line
+# naming the key (exit 2), not deep inside the Trainer or, worse, as a run that silently trains on nothing.
+Count = Annotated[int, Field(ge=1)]  # batch sizes, steps between logs / saves / evals, row caps
+Rate = Annotated[float, Field(gt=0, allow_inf_nan=False)]  # learning rate, epochs, source weights
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]  # weight decay, warmup, grad-norm clip (0 = off)
+Seed = Annotated[int, Field(ge=0)]
 
 
 class ModelSettings(RecipeModel):
@@ -23,9 +30,9 @@ class ModelSettings(RecipeModel):
 
 
 class LoraSettings(RecipeModel):
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
+    r: Count = 16
+    alpha: Count = 32
+    dropout: float = Field(0.05, ge=0, lt=1)
     # "all-linear" = every linear layer but lm_head (peft's shortcut); or a list such as [q_proj, v_proj]
     target_modules: list[str] | str = "all-linear"
     # 4-bit settings, used when mode is qlora
@@ -39,16 +46,18 @@ class SourceSettings(RecipeModel):
     path: str
     split: str | None = "train"  # keep rows whose `split` equals this (None = all rows)
     # rows per epoch = weight x rows in the file: 2.0 repeats the source twice, 0.25 keeps a random quarter
-    weight: float = Field(1.0, gt=0)
-    max_rows: int | None = None
+    weight: Rate = 1.0
+    max_rows: Count | None = None
 
 
 class EvalSourceSettings(RecipeModel):
     """A held-out text set whose loss and perplexity are tracked before, during and after training."""
 
     path: str
-    split: str | None = None
-    max_rows: int | None = 500
+    # held-out rows only (a row without a split value is refused, never scored as held out); None = all rows,
+    # for a corpus that is held out as a whole
+    split: str | None = "eval"
+    max_rows: Count | None = 500
     # score the documents with their field markup (`<|title|>`, `<|endofpiece|>`...) removed, a closing piece
     # becoming a line break: the perplexity of the domain text itself, which a base model that never saw the
     # markup can be compared on fairly (with markup, much of the "before -> after" gain is learning the tags)
@@ -83,24 +92,24 @@ class TokenSettings(RecipeModel):
 
 
 class TrainingSettings(RecipeModel):
-    max_steps: int = -1  # > 0 overrides epochs
-    epochs: float = 1.0
-    per_device_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 2e-4
+    max_steps: int = Field(-1, ge=-1)  # > 0 overrides epochs
+    epochs: Rate = 1.0
+    per_device_batch_size: Count = 8
+    gradient_accumulation_steps: Count = 1
+    learning_rate: Rate = 2e-4
     lr_scheduler: str = "cosine"
-    warmup_steps: float = 0  # int = steps, float in [0, 1) = ratio of total steps
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    logging_steps: int = 10
-    eval_steps: int | None = None  # None = evaluate only before and after
-    save_steps: int = 500
-    save_total_limit: int | None = 2
+    warmup_steps: NonNegative = 0  # int = steps, float in [0, 1) = ratio of total steps
+    weight_decay: NonNegative = 0.0
+    max_grad_norm: NonNegative = 1.0
+    logging_steps: Count = 10
+    eval_steps: Count | None = None  # None = evaluate only before and after
+    save_steps: Count = 500
+    save_total_limit: Count | None = 2
     bf16: bool = False
     # lm_head + cross-entropy chunk by chunk, never the full [tokens x vocab] logits (finetune/chunked_loss.py);
     # the same loss and gradients; llama / mistral / qwen2 / qwen3 heads, single process (else the stock loss)
     chunked_loss: bool = False
-    dataloader_num_workers: int = 0
+    dataloader_num_workers: int = Field(0, ge=0)
     report_to: list[str] = Field(default_factory=list)  # e.g. [wandb]; nothing by default
     # diagnostics: write out_dir/batches.rank<R>.jsonl, the row fingerprints each rank trained on per step
     # (check data sharding across processes, or data order after a resume)
@@ -116,5 +125,5 @@ class CPTConfig(RecipeModel):
     max_length: int = Field(512, ge=8)
     tokens: TokenSettings = Field(default_factory=TokenSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
-    seed: int = 0
+    seed: Seed = 0
     out_dir: str = "runs/cpt/esci"

@@ -14,7 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from recforge.io import atomic_write_json, write_parquet_atomic
+from recforge.manifest import RunRecorder
 from recforge.readers import FileKey, RejectLog, SourceConfig, read_esci, read_items
+from recforge.runstate import output_lock
 from recforge.splits import split_of
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
@@ -68,6 +70,23 @@ def write_sample_corpora(out_dir: str | Path, max_books: int | None = 3000) -> d
 
 def run_cpt_demo(out: str | Path = "runs/cpt", base_model: str | None = None) -> dict:
     """Base tiny model -> goodbooks pre-training -> ESCI CPT without and with replay; a comparison report."""
+    out = Path(out)
+    with output_lock(out, "cpt-demo"):
+        return _run_demo(out, base_model, RunRecorder(out, "cpt-demo", None, seed=0))
+
+
+def write_demo_corpora(folder: Path) -> dict[str, Path]:
+    """The demo's corpora as a run of their own, finished before any CPT reads them: CPT refuses a corpus whose
+    producing run is unfinished, and the demo's own manifest (one folder up) says running until the demo ends."""
+    rec = RunRecorder(folder, "cpt-demo corpus", None, seed=0)
+    corpora = write_sample_corpora(folder)
+    for name, path in corpora.items():
+        rec.add_output(name, path)
+    rec.finish()
+    return corpora
+
+
+def _run_demo(out: Path, base_model: str | None, rec: RunRecorder) -> dict:
     from recforge.config import load_recipe
     from recforge.tiny_model import TinyModelConfig, build_tiny_model
 
@@ -75,11 +94,7 @@ def run_cpt_demo(out: str | Path = "runs/cpt", base_model: str | None = None) ->
     from .cpt_config import CPTConfig
     from .forgetting import plot_curves
 
-    from recforge.manifest import RunRecorder
-
-    out = Path(out)
-    rec = RunRecorder(out, "cpt-demo", None, seed=0)
-    corpora = write_sample_corpora(out / "corpus")
+    corpora = write_demo_corpora(out / "corpus")
     for name, path in corpora.items():
         rec.add_output(f"corpus:{name}", path)
     if base_model is None:
@@ -119,8 +134,8 @@ def run_cpt_demo(out: str | Path = "runs/cpt", base_model: str | None = None) ->
     atomic_write_json(out / "demo_report.json", summary)
     rec.add_output("demo_report", out / "demo_report.json")
     rec.extra["demo"] = summary
-    rec.finish()
     curves = {f"{label}: {src}": rep["eval_loss"][src] for label, rep in reports.items() for src in rep["eval_loss"]}
     plot_curves(out / "demo_perplexity.png", [], curves, "perplexity", perplexity=True,
                 title="ESCI CPT: without vs with goodbooks replay")
+    rec.finish()  # the completion marker, last
     return summary

@@ -9,8 +9,10 @@ The hub token is read from the environment and never printed or written.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import yaml
 from recforge.config import RecforgeError
 from recforge.io import atomic_write_text
 from recforge.manifest import RunRecorder
+from recforge.runstate import LOCK_NAME, output_lock, read_manifest, require_complete
 from recforge.vllm_settings import VLLM_LORA_RANKS
 
 # vLLM's LoRA loader: ranks it accepts (`max_lora_rank` choices) and the layer kinds it applies LoRA to.
@@ -38,6 +41,7 @@ def read_run(run_dir: Path) -> tuple[dict, dict, Path]:
     if not manifest_path.is_file() or not config_path.is_file():
         raise RecforgeError(f"{run_dir}: manifest.json / resolved_config.yaml missing (the run did not finish)")
     manifest, config = _mapping(manifest_path, json.loads), _mapping(config_path, yaml.safe_load)
+    require_complete(run_dir, "run")  # a killed or still running cpt/sft: its model/ may be an early save or half-written
     model = config.get("model")
     # only the keys publish reads are checked: an older run's config may hold keys this version no longer has
     if not isinstance(model, dict) or not isinstance(model.get("path"), str):
@@ -307,37 +311,94 @@ def load_folder(folder: Path):
 
 def publish(run_dir: str, out: str, merge: bool = False, push_to_hub: str | None = None, private: bool = False,
             max_diff: float = 1e-3, check_vllm: str = "auto") -> dict:
+    """Publish `run_dir` into `out`, under `out`'s writer lock.
+
+    Everything is built in a sibling folder (`<out>.tmp-<pid>`), its manifest written last, then swapped into
+    place (`swap_into_place`): a kill at any point leaves `out` holding the previous complete publish or the new
+    one, never a mix of two runs (a kill inside the swap leaves no `out` at all, never a mixed one).
+    """
+    run_dir_p, out_p = Path(run_dir), Path(out)
+    with output_lock(out_p, "publish"):
+        token = hub_token() if push_to_hub else None  # fail before any work when the token is missing
+        manifest, config, model_dir = read_run(run_dir_p)
+        check_replaceable(out_p, run_dir_p)
+        remove_stale_siblings(out_p)
+        stage = sibling(out_p, "tmp")
+        stage.mkdir()
+        try:
+            rec = RunRecorder(stage, "publish", None)
+            rec.extra["source_run"] = str(run_dir_p)
+            result = build(stage, manifest, config, model_dir, merge, max_diff, check_vllm, token, rec)
+            rec.finish()  # the completion marker: the last file written into the new publish
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)  # a failed publish leaves the previous one alone
+            raise
+        swap_into_place(stage, out_p)
+        if push_to_hub:
+            result["hub_url"] = push(out_p, push_to_hub, private, token)
+            rec.out_dir, rec.extra["pushed_to"] = out_p, push_to_hub
+            rec.finish()
+    return result
+
+
+def build(stage: Path, manifest: dict, config: dict, model_dir: Path, merge: bool, max_diff: float,
+          check_vllm: str, token: str | None, rec: RunRecorder) -> dict:
+    """The published files in `stage`: model files, checks, optional merge and vLLM check, model card."""
     from transformers import AutoTokenizer
 
-    run_dir_p, out_p = Path(run_dir), Path(out)
-    token = hub_token() if push_to_hub else None  # fail before any work when the token is missing
-    manifest, config, model_dir = read_run(run_dir_p)
-    out_p.mkdir(parents=True, exist_ok=True)
-    rec = RunRecorder(out_p, "publish", None)
-    rec.extra["source_run"] = str(run_dir_p)
     is_adapter = (model_dir / "adapter_config.json").is_file()
-    files = copy_model_files(model_dir, out_p)
-    tokenizer = AutoTokenizer.from_pretrained(str(out_p))
+    files = copy_model_files(model_dir, stage)
+    tokenizer = AutoTokenizer.from_pretrained(str(stage))
     added = manifest.get("added_tokens") or []
     warnings: list[str] = []
     result: dict = {"files": files, "adapter": is_adapter, "warnings": warnings}
     if is_adapter:
-        load_adapter_model(config, out_p, tokenizer)  # raises a clear error when it does not load
-        warnings += vllm_warnings(out_p)
+        load_adapter_model(config, stage, tokenizer)  # raises a clear error when it does not load
+        warnings += vllm_warnings(stage)
         if merge:
-            result["merge_max_logit_diff"] = merge_with_parity(config, out_p, tokenizer, out_p, max_diff, added)
+            result["merge_max_logit_diff"] = merge_with_parity(config, stage, tokenizer, stage, max_diff, added)
     elif merge:
         warnings.append("the run trained the full model: nothing to merge, the published model is already merged")
-    result["vllm_check"] = vllm_check(check_vllm, config, out_p, is_adapter, "merge_max_logit_diff" in result, tokenizer, warnings)
+    result["vllm_check"] = vllm_check(check_vllm, config, stage, is_adapter, "merge_max_logit_diff" in result, tokenizer, warnings)
     metrics = {k: manifest[k] for k in ("eval_before", "eval_after", "eval") if k in manifest}
     if "merge_max_logit_diff" in result:
         metrics["merge_max_logit_diff"] = result["merge_max_logit_diff"]
-    atomic_write_text(out_p / "README.md", model_card(manifest, config, is_adapter, metrics, token))
+    atomic_write_text(stage / "README.md", model_card(manifest, config, is_adapter, metrics, token))
     rec.extra.update({"warnings": warnings, "merge_max_logit_diff": result.get("merge_max_logit_diff"),
                       "vllm_check": result["vllm_check"]})
-    if push_to_hub:
-        rec.finish()
-        result["hub_url"] = push(out_p, push_to_hub, private, token)
-        rec.extra["pushed_to"] = push_to_hub
-    rec.finish()
     return result
+
+
+def check_replaceable(out: Path, run_dir: Path) -> None:
+    """Publishing replaces the whole of `out`: refuse where that would delete anything but a previous publish."""
+    if out.resolve() == run_dir.resolve() or out.resolve() in run_dir.resolve().parents:
+        raise RecforgeError(f"--out {out}: is (or holds) the run being published, {run_dir}; choose another folder")
+    held = sorted(e.name for e in out.iterdir() if e.name != LOCK_NAME)
+    if not held:
+        return
+    previous = read_manifest(out)
+    if previous is None or previous.get("command") != "publish":
+        raise RecforgeError(f"--out {out}: holds files that are not a recforge publish ({', '.join(held[:3])}"
+                            f"{', ...' if len(held) > 3 else ''}); publishing replaces the whole folder: "
+                            "choose a new or empty one")
+
+
+def sibling(out: Path, kind: str) -> Path:
+    """`<out>.tmp-<pid>` (the publish being built) or `<out>.old-<pid>` (the previous one, while swapping)."""
+    return out.with_name(f"{out.name}.{kind}-{os.getpid()}")
+
+
+def remove_stale_siblings(out: Path) -> None:
+    """Siblings a killed publish into `out` left behind (we hold `out`'s lock, so no live publish owns them)."""
+    pattern = re.compile(re.escape(out.name) + r"\.(tmp|old)-\d+")
+    for stale in out.parent.glob(f"{glob.escape(out.name)}.*-*"):
+        if pattern.fullmatch(stale.name) and stale.is_dir():
+            shutil.rmtree(stale)
+
+
+def swap_into_place(stage: Path, out: Path) -> None:
+    """Rename the previous publish away, the new one in, then delete the previous one."""
+    old = sibling(out, "old")
+    os.rename(out, old)
+    os.rename(stage, out)
+    shutil.rmtree(old, ignore_errors=True)

@@ -24,8 +24,9 @@ from pathlib import Path
 
 from recforge.config import RecforgeError
 from recforge.distributed import from_main
-from recforge.io import atomic_write_json
+from recforge.io import atomic_write_json, resolve_path
 from recforge.manifest import RunRecorder
+from recforge.runstate import output_lock, require_complete
 from recforge.readers import (FileKey, RejectLog, SourceConfig, as_text, read_esci, read_features_table, read_items,
                               read_records)
 from recforge.splits import describe, entity_key, entity_leakage, is_eval
@@ -279,21 +280,38 @@ def task_metrics(cfg: SFTConfig, model, tokenizer, evals: list[dict]) -> dict:
 # ---------------------------------------------------------------------------- training
 
 
-def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
+def run_sft(cfg: SFTConfig, resume: bool = False, allow_partial: bool = False) -> dict:
+    """Build the task's examples, train, score the held-out ones, save. Holds the writer lock of `out_dir` for the
+    whole run; the recorder (the `running` manifest) comes after the checks, so a refused run changes nothing."""
+    from .cpt import resume_checkpoint
+
+    out_dir = Path(cfg.out_dir)
+    with output_lock(out_dir, "sft"):
+        checkpoint = resume_checkpoint(out_dir, resume)
+        partial = check_inputs(cfg, allow_partial)
+        run = RunRecorder(out_dir, "sft", cfg, cfg.seed)
+        if partial:
+            run.extra["allow_partial"] = partial
+        return _train(cfg, out_dir, checkpoint, run)
+
+
+def check_inputs(cfg: SFTConfig, allow_partial: bool) -> list[str]:
+    """Refuse an input a recforge run wrote (generate's features table, a data run's files) that did not finish;
+    returns the `--allow-partial` notes of those read anyway."""
+    notes = [require_complete(resolve_path(src), f"{cfg.task} input", allow_partial) for src in _inputs(cfg)]
+    return [n for n in notes if n]
+
+
+def _train(cfg: SFTConfig, out_dir: Path, checkpoint: str | None, run: RunRecorder) -> dict:
     import datasets
     from peft import LoraConfig
     from transformers import set_seed
     from trl import SFTConfig as TrlSFTConfig
     from trl import SFTTrainer
 
-    from .cpt import cpu_only, last_checkpoint, load_model_and_tokenizer
+    from .cpt import cpu_only, load_model_and_tokenizer
 
-    out_dir = Path(cfg.out_dir)
-    checkpoint = last_checkpoint(out_dir) if resume else None
-    if resume and checkpoint is None:
-        raise RecforgeError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}")
     set_seed(cfg.seed)
-    run = RunRecorder(out_dir, "sft", cfg, cfg.seed)
     main = run.main  # rank 0 of a multi-process launch (or the only process): the one that writes files
     if main:
         (out_dir / "rejects.jsonl").unlink(missing_ok=True)  # a re-run reports its own rejects only

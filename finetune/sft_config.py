@@ -18,7 +18,7 @@ from pydantic import Field
 from recforge.config import RecipeModel
 from recforge.splits import SplitRule
 
-from .cpt_config import LoraSettings, ModelSettings
+from .cpt_config import Count, LoraSettings, ModelSettings, NonNegative, Rate, Seed
 
 
 class RelevanceData(RecipeModel):
@@ -30,7 +30,7 @@ class RelevanceData(RecipeModel):
 
 class TagsData(RecipeModel):
     books: str = "sample://goodbooks_10k_book_tags/books_tags.jsonl.gz"
-    n_tags: int = 5
+    n_tags: Count = 5
     # targets = the book's shelves after generate's reader-shelf rule (normalised; what `recforge eval tags`
     # scores), then minus skip_tags; false: raw shelf names minus skip_tags only
     reader_shelf_rule: bool = True
@@ -59,16 +59,16 @@ class DistillData(RecipeModel):
 
 
 class SFTTrainingSettings(RecipeModel):
-    max_steps: int = -1
-    epochs: float = 1.0
-    per_device_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 2e-4
+    max_steps: int = Field(-1, ge=-1)
+    epochs: Rate = 1.0
+    per_device_batch_size: Count = 8
+    gradient_accumulation_steps: Count = 1
+    learning_rate: Rate = 2e-4
     lr_scheduler: str = "cosine"
-    warmup_steps: float = 0
-    logging_steps: int = 10
-    save_steps: int = 500
-    save_total_limit: int | None = 2
+    warmup_steps: NonNegative = 0
+    logging_steps: Count = 10
+    save_steps: Count = 500
+    save_total_limit: Count | None = 2
     bf16: bool = False
     report_to: list[str] = Field(default_factory=list)
 
@@ -83,12 +83,12 @@ class SFTConfig(RecipeModel):
     distill: DistillData | None = None
     # held-out queries / books / items: the project rule (recforge/splits.py), the same ids every stage holds out
     split: SplitRule = Field(default_factory=SplitRule)
-    max_train_examples: int | None = None
-    max_eval_examples: int | None = 200
-    max_length: int = 256
-    max_new_tokens: int = 24
+    max_train_examples: Count | None = None
+    max_eval_examples: Count | None = 200
+    max_length: int = Field(256, ge=8)
+    max_new_tokens: Count = 24
     # also write `out_dir/merged/` (full model, base dtype, logit parity checked): what generate / vLLM load
     merge: bool = False
     training: SFTTrainingSettings = Field(default_factory=SFTTrainingSettings)
-    seed: int = 0
+    seed: Seed = 0
     out_dir: str = "runs/sft/esci_relevance"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from recforge.config import RecforgeError
 from recforge.io import resolve_path
+from recforge.runstate import unfinished_reason
 
 
 def tokens_from_manifest(path: str) -> list[str]:
@@ -24,6 +25,13 @@ def tokens_from_manifest(path: str) -> list[str]:
         data = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise RecforgeError(f"{p}: not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise RecforgeError(f"{p}: expected a JSON object (a data run's manifest.json), got {type(data).__name__}")
+    # a killed or running data run's manifest lists no tokens yet: reading it would silently add none
+    reason = unfinished_reason(data) if "command" in data else None
+    if reason:
+        raise RecforgeError(f"tokens.from_manifest: {p} is the manifest of an unfinished `recforge "
+                            f"{data['command']}` run ({reason}); rerun it to completion")
     tokens = data.get("special_tokens", [])
     if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
         raise RecforgeError(f"{p}: key 'special_tokens' must be a list of strings")

@@ -15,8 +15,10 @@ def _generate(args: argparse.Namespace) -> int:
     from recforge.generate.runner import run_generate, run_problem
 
     cfg = load_recipe(GenerateConfig, args.recipe, args.overrides)
+    if args.ray:
+        return _generate_on_ray(cfg, args)
     manifest = run_generate(cfg, shard=args.shard, force=args.force, progress=not args.no_progress, overwrite=args.overwrite,
-                            retry_failed=args.retry_failed)
+                            retry_failed=args.retry_failed, allow_partial=args.allow_partial)
     p = manifest["progress"]
     out = {o["name"]: o["rows"] for o in manifest["outputs"]}
     print(
@@ -33,10 +35,28 @@ def _generate(args: argparse.Namespace) -> int:
     return 0 if manifest["complete"] else 1
 
 
+def _generate_on_ray(cfg, args: argparse.Namespace) -> int:
+    from recforge.generate.ray_run import run_generate_on_ray
+
+    if args.shard:
+        raise RecforgeError("--shard and --ray: Ray runs every shard itself (use --shards N)")
+    manifest = run_generate_on_ray(cfg, args.shards, address=args.address, cpus_per_shard=args.cpus_per_shard,
+                                   gpus_per_shard=args.gpus_per_shard, max_retries=args.max_shard_retries,
+                                   force=args.force, overwrite=args.overwrite, retry_failed=args.retry_failed,
+                                   progress=not args.no_progress)
+    shards = manifest["shards"]
+    print(f"generate on Ray: {sum(s.get('rows') or 0 for s in shards)} rows, {sum(s.get('failed') or 0 for s in shards)} "
+          f"failed (of {manifest['input_rows']} inputs) in {len(shards)} shards -> {cfg.out_dir}")
+    if manifest["stopped"]:
+        print(f"recforge generate: {manifest['stopped']}", file=sys.stderr)
+        return 1
+    return 0 if manifest["complete"] else 1
+
+
 def _export(args: argparse.Namespace) -> int:
     from recforge.generate.postprocess import export_features
 
-    manifest = export_features(args.runs, args.out, args.taxonomy_map, args.drop_unmapped, args.max_tags)
+    manifest = export_features(args.runs, args.out, args.taxonomy_map, args.drop_unmapped, args.max_tags, args.allow_partial)
     print(f"features: {manifest['outputs'][0]['rows']} entities -> {args.out}")
     return 0
 
@@ -66,19 +86,29 @@ def _prompts_render(args: argparse.Namespace) -> int:
     if text.startswith("@"):
         from recforge.io import resolve_path
 
-        text = resolve_path(text[1:]).read_text(encoding="utf-8")
+        path = resolve_path(text[1:])
+        if not path.is_file():
+            raise RecforgeError(f"--record: file not found: {text[1:]}")
+        text = path.read_text(encoding="utf-8", errors="replace")
     try:
         record = json.loads(text)
     except json.JSONDecodeError as err:
         raise RecforgeError(f"--record: not valid JSON: {err}") from None
     if not isinstance(record, dict):
         raise RecforgeError("--record: must be a JSON object")
+    bad = [kv for kv in args.var if "=" not in kv]
+    if bad:
+        raise RecforgeError(f"--var {bad[0]!r}: expected key=value")
     variables = dict(kv.split("=", 1) for kv in args.var)
     messages = t.messages(record, str(record.get("id", "record")), variables)
     if args.model:
         from transformers import AutoTokenizer
 
-        print(render_chat(AutoTokenizer.from_pretrained(args.model), messages))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.model)
+        except (OSError, ValueError) as err:
+            raise RecforgeError(f"--model {args.model}: cannot load its tokenizer: {' '.join(str(err).split())[:300]}") from None
+        print(render_chat(tokenizer, messages))
     else:
         print(json.dumps(messages, indent=2, ensure_ascii=False))
     return 0
@@ -101,7 +131,8 @@ def _eval_tags(args: argparse.Namespace) -> int:
         from recforge.readers import FileKey, RejectLog, SourceConfig, read_records
 
         mapping = load_taxonomy_map(args.taxonomy_map)
-        rows = read_run_outputs(src).to_pylist()
+        partial: list[str] = []
+        rows = read_run_outputs(src, args.allow_partial, partial).to_pylist()
         feats = aggregate(rows, mapping)
         failed_ids: set[str] = set()
         for failed in [src / "failed.jsonl", *src.glob("shard-*/failed.jsonl")]:
@@ -109,7 +140,7 @@ def _eval_tags(args: argparse.Namespace) -> int:
                 failed_ids |= {i for i, _ in read_records(SourceConfig(path=str(failed), id="id"), RejectLog(), FileKey(str(failed)))}
         ids = {r["id"] for r in rows} | failed_ids
         pred = {eid: f["tags"] for (etype, eid), f in feats.items() if etype == "item"}
-        run_info = {"output_rows": len(rows), "failed_rows": len(failed_ids)}
+        run_info = {"output_rows": len(rows), "failed_rows": len(failed_ids), **({"partial_inputs": partial} if partial else {})}
         manifest = src / "manifest.json"
         if manifest.is_file():  # which model made these tags (the SFT tagger or the base-model fallback)
             m = json.loads(manifest.read_text())
@@ -119,9 +150,12 @@ def _eval_tags(args: argparse.Namespace) -> int:
                 rule = SplitRule(**{k: m["split_rule"][k] for k in ("salt", "eval_percent") if k in m["split_rule"]})
     else:
         from recforge.readers import read_features_table
+        from recforge.runstate import require_complete
 
         if not src.is_file():
             raise RecforgeError(f"--pred: {src} is neither a generate run folder nor a features parquet file")
+        note = require_complete(src, "--pred", args.allow_partial)  # a features table of an unfinished export
+        run_info = {"partial_inputs": [note]} if note else {}
         pred = {r["entity_id"]: list(r.get("tags") or []) for r in read_features_table(str(src), "--pred")
                 if r.get("entity_type", "item") == "item"}
     result = evaluate_tags(pred, args.truth, k=args.k, truth_top=args.truth_top, split=args.split, ids=ids, rule=rule)
@@ -134,7 +168,7 @@ def _eval_tags(args: argparse.Namespace) -> int:
         f"  popular baseline  precision@{k} {base[f'precision@{k}']:.4f}  recall@{k} {base[f'recall@{k}']:.4f}"
         f"  (the {k} most common training shelves for every book)",
     ]
-    if run_info:
+    if "output_rows" in run_info:
         used = run_info.get("model_used") or {}
         lines.append(f"  rows: {run_info['output_rows']} generated, {run_info['failed_rows']} failed"
                      + (f" (of {run_info['input_rows']} inputs)" if run_info.get("input_rows") is not None else "")
@@ -158,6 +192,18 @@ def add_commands(sub, eval_sub) -> None:
                      help="also retry the failed rows of finished chunks whose failure is deterministic (parse errors, "
                           "truncation, prompt_too_long, render_error); engine-error rows are retried on every resume")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar (figures still go to progress.json)")
+    ray = gen.add_argument_group("Ray executor (pip install 'recforge[ray]')")
+    ray.add_argument("--ray", action="store_true", help="run the --shards N shards as Ray tasks, retried, one progress bar")
+    ray.add_argument("--shards", type=int, default=2, help="with --ray: number of shards (default 2)")
+    ray.add_argument("--address", help="with --ray: the cluster ('auto' inside a Ray cluster; default: start a local one)")
+    ray.add_argument("--cpus-per-shard", type=float, default=1, help="with --ray: CPUs each shard task asks for")
+    ray.add_argument("--gpus-per-shard", type=float, default=None,
+                     help="with --ray: GPUs each shard asks for (default: engine.tensor_parallel_size for vLLM where the cluster has GPUs)")
+    ray.add_argument("--max-shard-retries", type=int, default=2,
+                     help="with --ray: a shard whose worker died or that ended with a problem is resumed this many times")
+    gen.add_argument("--allow-partial", action="store_true",
+                     help="read a model folder or input file whose producing run (publish, cpt, sft, data) did not "
+                          "finish (recorded in the manifest)")
     gen.set_defaults(handler=_generate)
 
     exp = sub.add_parser("generate-export", help="normalise + aggregate generation runs into a features table")
@@ -166,6 +212,8 @@ def add_commands(sub, eval_sub) -> None:
     exp.add_argument("--taxonomy-map", help="YAML/JSON mapping tag variant -> canonical tag")
     exp.add_argument("--drop-unmapped", action="store_true", help="with --taxonomy-map: drop tags it does not map")
     exp.add_argument("--max-tags", type=int, default=10)
+    exp.add_argument("--allow-partial", action="store_true",
+                     help="export runs that did not finish (killed, stopped early); the manifest lists them")
     exp.set_defaults(handler=_export)
 
     prompts = sub.add_parser("prompts", help="inspect the prompt templates")
@@ -189,4 +237,6 @@ def add_commands(sub, eval_sub) -> None:
     tags.add_argument("--split", default="heldout", choices=["heldout", "train", "all"])
     tags.add_argument("--taxonomy-map")
     tags.add_argument("--out", help="write the metrics JSON here")
+    tags.add_argument("--allow-partial", action="store_true",
+                      help="score a run that did not finish (killed, stopped early); the metrics JSON says so")
     tags.set_defaults(handler=_eval_tags)

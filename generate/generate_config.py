@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from recforge.config import RecipeModel
-from recforge.splits import SplitRule
+from recforge.splits import EVAL, TRAIN, SplitRule
+
+# generate's names for the two sides of the project split (recforge.splits): `heldout` = its `eval`.
+SPLIT_SIDES = {"heldout": EVAL, "train": TRAIN}
 
 
 class HistoryConfig(RecipeModel):
@@ -38,12 +41,28 @@ class InputConfig(RecipeModel):
     fields: dict[str, str] = Field(default_factory=dict)
     constants: dict[str, Any] = Field(default_factory=dict, description="added to every record, e.g. entity_type, domain")
     split: Literal["all", "train", "heldout"] = Field(
-        default="all", description="keep one side of the project's book split (the recipe's top-level `split:` rule, "
-                                   "recforge/splits.py): heldout = the books data_recipes puts in eval and finetune "
-                                   "never trains on"
+        default="all", description="keep one side of the project split (the recipe's top-level `split:` rule, "
+                                   "recforge/splits.py) of `split_entity`: heldout = the ids data_recipes puts in eval "
+                                   "and finetune never trains on"
+    )
+    split_entity: Literal["item", "book", "user", "query"] | None = Field(
+        default=None, description="which entity the ids are, for `split` (recforge.splits hashes `<entity>:<id>`): "
+                                  "item (ESCI products, movies; the default for kind=items), book (goodbooks books: the "
+                                  "books finetune's tags SFT and eval tags hold out), user, query; required for kind=records"
     )
     limit: int | None = Field(default=None, ge=1)
     history: HistoryConfig | None = Field(default=None, description="kind=records: build `history` for user prompts")
+
+    @model_validator(mode="after")
+    def _entity_named(self):
+        if self.split != "all" and self.kind == "records" and self.split_entity is None:
+            raise ValueError("input.split_entity (user, query, item or book) is required with input.split on kind=records")
+        return self
+
+    @property
+    def entity(self) -> str:
+        """The split entity `split` hashes the ids as."""
+        return self.split_entity or "item"
 
 
 class ModelConfig(RecipeModel):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import unicodedata
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -113,25 +114,22 @@ def aggregate(rows: list[dict], taxonomy_map: dict | None = None, drop_unmapped:
 def load_taxonomy_map(path: str | None) -> dict[str, str] | None:
     if not path:
         return None
-    import yaml
-
+    from recforge.config import read_yaml_file
     from recforge.io import resolve_path
 
     p = resolve_path(path)
     if not p.is_file():
         raise RecforgeError(f"--taxonomy-map: file not found: {path}")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise RecforgeError(f"--taxonomy-map: {path}: not valid YAML/JSON: {str(err).splitlines()[0]}") from None
+    data = read_yaml_file(p, "taxonomy map")  # bounded: size and alias expansion, one-line errors
     if not isinstance(data, dict):
         raise RecforgeError(f"{path}: a taxonomy map is a YAML/JSON mapping variant -> canonical tag")
     return {str(k): str(v) for k, v in data.items()}
 
 
-def read_run_outputs(run_dir: str | Path):
+def read_run_outputs(run_dir: str | Path, allow_partial: bool = False, notes: list[str] | None = None):
     """A generate run's output rows (`runner.read_generations`), after checking every shard opens and has the
-    output columns: a broken shard is a one-line error naming it, not a pyarrow traceback."""
+    output columns (a broken shard is a one-line error naming it, not a pyarrow traceback) and that the run
+    finished (`check_run_finished`; with `allow_partial` its notes are appended to `notes`)."""
     import pyarrow.parquet as pq
 
     from recforge.generate.runner import output_schema, read_generations, shard_files
@@ -145,31 +143,100 @@ def read_run_outputs(run_dir: str | Path):
             raise RecforgeError(f"{f}: not a readable Parquet shard ({type(err).__name__})") from None
         if not want <= names:
             raise RecforgeError(f"{f}: not a generate output shard, missing columns {sorted(want - names)}")
+    found = check_run_finished(d, allow_partial)
+    if notes is not None:
+        notes.extend(found)
     return read_generations(d)
 
 
-def export_features(run_dirs: list[str], out_path: str, taxonomy_map: str | None = None, drop_unmapped: bool = False, max_tags: int = 10) -> dict:
-    """Read the runs' shards, aggregate per entity, write `features.parquet` (atomic) with a manifest."""
+def check_run_finished(run_dir: str | Path, allow_partial: bool = False) -> list[str]:
+    """Refuse a generate run that did not finish, in one line naming it; with `allow_partial`, warn and return
+    what is unfinished (for the consumer's manifest).
+
+    Every folder holding shards (the run folder, or each `shard-IIIII-of-NNNNN` of a sharded run) needs the
+    manifest of a finished run (`recforge.runstate.require_complete`): a folder with shards and no manifest
+    was killed before its first manifest write. A sharded run needs all N of its shard folders."""
+    from recforge.runstate import read_manifest, require_complete
+
+    d = Path(run_dir)
+    notes: list[str] = []
+
+    def unfinished(text: str) -> None:
+        if not allow_partial:
+            raise RecforgeError(f"{text}; rerun it to completion, or pass --allow-partial to read it as it is")
+        print(f"recforge: warning: {text}; read anyway (--allow-partial)", file=sys.stderr)
+        notes.append(text)
+
+    shard_dirs = sorted(p for p in d.glob("shard-*-of-*") if p.is_dir())
+    for folder in [d, *shard_dirs]:
+        if read_manifest(folder) is not None:
+            note = require_complete(folder, "generate run", allow_partial)
+            notes.extend([note] if note else [])
+        elif (folder / "shards").is_dir():
+            unfinished(f"generate run {folder} holds shards but no manifest.json (killed before its first manifest write)")
+    counts = {int(p.name.rsplit("-", 1)[1]) for p in shard_dirs if p.name.rsplit("-", 1)[1].isdigit()}
+    for n in sorted(counts):
+        missing = [i for i in range(n) if not (d / f"shard-{i:05d}-of-{n:05d}").is_dir()]
+        if missing:
+            unfinished(f"generate run {d}: shard folder(s) {missing[:5]} of {n} are missing (not run yet)")
+    return notes
+
+
+def export_features(run_dirs: list[str], out_path: str, taxonomy_map: str | None = None, drop_unmapped: bool = False,
+                    max_tags: int = 10, allow_partial: bool = False) -> dict:
+    """Read the runs' shards, aggregate per entity, write `features.parquet` (atomic) with a manifest beside it.
+
+    The manifest goes into --out's folder, which this command then owns (its writer lock is held): a folder
+    holding another command's manifest, or one of the runs read, is refused. Unfinished runs are refused
+    unless `allow_partial` (recorded in the manifest as `partial_inputs`)."""
+    from recforge.runstate import output_lock
+
+    out = Path(out_path)
+    mapping = load_taxonomy_map(taxonomy_map)  # the arguments first: a bad map fails before any reading
+    check_export_folder(out.parent, run_dirs)
+    with output_lock(out.parent, "generate-export"):
+        check_export_folder(out.parent, run_dirs)  # again under the lock: another command may have just finished there
+        return _export_locked(run_dirs, out, mapping, taxonomy_map, drop_unmapped, max_tags, allow_partial)
+
+
+def check_export_folder(folder: Path, run_dirs: list[str]) -> None:
+    """--out's folder must not be a run folder read here, nor hold another command's manifest."""
+    from recforge.runstate import read_manifest
+
+    where = folder.resolve()
+    if any(where == Path(d).resolve() for d in run_dirs):  # a sharded run's top folder has no manifest of its own
+        raise RecforgeError(f"--out {folder}: is a generate run folder read by this export (its manifest.json would be "
+                            "replaced); write the features into a folder of their own, e.g. RUN/features/features.parquet")
+    manifest = read_manifest(folder) if folder.is_dir() else None
+    if manifest is not None and manifest.get("command") != "generate-export":
+        raise RecforgeError(f"--out {folder}: holds the manifest.json of a `recforge {manifest.get('command')}` run, which "
+                            "this export's manifest would replace; write the features into a folder of their own")
+
+
+def _export_locked(run_dirs, out: Path, mapping, taxonomy_map, drop_unmapped, max_tags, allow_partial) -> dict:
     import pyarrow as pa
 
     from recforge.io import write_parquet_atomic
     from recforge.manifest import RunRecorder
     from recforge.records import features_schema
 
-    out = Path(out_path)
-    mapping = load_taxonomy_map(taxonomy_map)  # the arguments first: a bad map fails before any reading
-    recorder = RunRecorder(out.parent, "generate-export", None)
     rows: list[dict] = []
+    inputs: list[dict] = []
+    notes: list[str] = []
     for d in run_dirs:
-        table = read_run_outputs(d)
-        recorder.inputs.append({"name": "run", "path": str(d), "rows": table.num_rows})
+        table = read_run_outputs(d, allow_partial, notes)
+        inputs.append({"name": "run", "path": str(d), "rows": table.num_rows})
         rows.extend(table.to_pylist())
     unknown = sorted({r["task"] for r in rows if r["task"] not in TASK_COLUMN})
     if unknown:
         raise RecforgeError(f"no features column for task(s) {unknown}; known: {sorted(TASK_COLUMN)}")
     feats = aggregate(rows, mapping, drop_unmapped, max_tags)
     records = [feats[k] for k in sorted(feats)]
+    recorder = RunRecorder(out.parent, "generate-export", None)  # after the checks: a refused export writes nothing
+    recorder.inputs.extend(inputs)
     write_parquet_atomic(pa.Table.from_pylist(records, schema=features_schema()), out)
     recorder.add_output("features", out, rows=len(records))
     recorder.extra["taxonomy_map"] = taxonomy_map
+    if notes:
+        recorder.extra["partial_inputs"] = notes
     return recorder.finish()

@@ -5,14 +5,20 @@ Layout of `out_dir` (or `out_dir/shard-IIIII-of-NNNNN` with `--shard i/N`):
     shards/part-KKKKK.parquet the rows of chunk k (`chunk_size` input rows) that succeeded when the chunk ran
     shards/retry-KKKKK-NNN.parquet  rows of chunk k that failed before and succeeded in its NNN-th retry
     failed.jsonl              rows that failed every attempt so far: id, chunk, reason, detail, attempts
-    rejects.jsonl             malformed input rows (never silently dropped)
+    rejects.jsonl             this run's malformed input rows (never silently dropped; rewritten by every run)
     progress.json             rows/s, tokens/s, failure rate, ETA (updated after each shard)
-    resolved_config.yaml, manifest.json
+    resolved_config.yaml, manifest.json   written once the resume checks pass (manifest: `running`, then `complete`)
+    .recforge.lock            held for the whole run: a second run on the same folder exits 2 naming this one
+
+Resume checks (`check_fingerprint`): the fingerprint (model digest, template, sampling, ...) and the content sha256
+of the input files (`input_digests` in fingerprint.json): rows made from other settings, or from an input file
+that changed since the run started, are never mixed with new ones (--overwrite starts over).
 
 Invariant: every input id is exactly once in a shard or in failed.jsonl, whenever the run is killed.
 - Chunk k always holds the same input rows (input order, after split/shard/limit). It is done when its part
   shard exists; its failure lines are appended just before the shard is renamed into place (all writes
-  atomic), and on restart `reconcile` drops failure lines of chunks without a part shard.
+  atomic), and on restart `reconcile` drops failure lines of chunks without a part shard (and keeps one line
+  per id, repairing folders written by two concurrent runs before the lock existed).
 - Several chunks go to the engine in one call (`submit_rows`, so vLLM can schedule them together); their
   shards are still written one by one, in chunk order, so a kill leaves a prefix of them done.
 - A resume retries the failed rows of done chunks whose reason is `engine_error` (transient); with
@@ -35,11 +41,10 @@ from typing import Any
 
 from recforge.config import RecforgeError
 from recforge.generate.engine import GenerationRequest, Sampling, constraint_from_output
-from recforge.generate.generate_config import GenerateConfig
+from recforge.generate.generate_config import SPLIT_SIDES, GenerateConfig
 from recforge.generate.parsing import ParseError, parse_output
-from recforge.generate.splits import book_split, id_hash
 from recforge.shards import ShardSpec
-from recforge.splits import DEFAULT_RULE
+from recforge.splits import DEFAULT_RULE, split_of, stable_hash
 from recforge.io import atomic_write_json, open_text, resolve_path, write_parquet_atomic
 
 NO_RETRY = ("prompt_too_long", "render_error")  # deterministic: another attempt gives the same
@@ -88,7 +93,7 @@ def read_records(cfg: GenerateConfig, rejects_path: Path) -> list[tuple[str, dic
         if inp.history is not None:
             pairs = _attach_history(pairs, inp.history, rejects_path)
     if inp.split != "all":
-        pairs = [(i, r) for i, r in pairs if book_split(i, cfg.split) == inp.split]
+        pairs = [(i, r) for i, r in pairs if split_of(inp.entity, i, cfg.split) == SPLIT_SIDES[inp.split]]
     if inp.limit:
         pairs = pairs[: inp.limit]
     return pairs
@@ -110,8 +115,10 @@ def _read_jsonl_records(inp, rejects_path: Path) -> list[tuple[str, dict]]:
 
 
 def kar_prefix_length(n: int) -> int:
-    """KAR's leakage guard: the first min((n+1)//2, 30) interactions feed the prompt, the rest stay for CTR."""
-    return min((n + 1) // 2, 30)
+    """KAR's leakage guard: the one rule the CTR bridge applies too (`recforge.splits.kar_prefix_length`)."""
+    from recforge.splits import kar_prefix_length as shared
+
+    return shared(n)
 
 
 def _attach_history(pairs, h, rejects_path: Path) -> list[tuple[str, dict]]:
@@ -141,10 +148,12 @@ def _attach_history(pairs, h, rejects_path: Path) -> list[tuple[str, dict]]:
 # ------------------------------------------------------------------ model + engine
 
 
-def resolve_model(cfg: GenerateConfig) -> dict[str, Any]:
+def resolve_model(cfg: GenerateConfig, allow_partial: bool = False) -> dict[str, Any]:
     """The model actually used: name_or_path, or the fallback where it is a missing local path.
 
-    An adapter-only folder (adapter_config.json, no config.json) is served as base + adapter.
+    An adapter-only folder (adapter_config.json, no config.json) is served as base + adapter. A local folder
+    must come from a finished run (`require_complete`: an unfinished publish / cpt / sft is refused unless
+    `allow_partial`, whose note is returned in `partial`) and hold safetensors weights, never pickles only.
     """
     from recforge.models import resolve_model as resolve_alias
 
@@ -162,7 +171,11 @@ def resolve_model(cfg: GenerateConfig) -> dict[str, Any]:
     if p.is_dir() and (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():
         base = json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"]
         adapter, name = str(p), base
-    return {"name_or_path": name, "adapter": adapter, "note": note, "revision": m.revision}
+    from recforge.models import check_model_folder
+
+    partial = [n for n in (check_model_folder(name, "model.name_or_path", m.trust_remote_code, allow_partial),
+                           check_model_folder(adapter, "model.adapter", m.trust_remote_code, allow_partial) if adapter else None) if n]
+    return {"name_or_path": name, "adapter": adapter, "note": note, "revision": m.revision, "partial": partial or None}
 
 
 def model_identity(model: dict[str, Any]) -> dict[str, Any]:
@@ -227,7 +240,7 @@ def engine_version(kind: str) -> str | None:
 
 def row_seed(base: int, shard: ShardSpec, record_id: str, attempt: int) -> int:
     """Per-row seed: the run seed, the shard's offset, the id, the attempt (a retry draws new randomness)."""
-    return (base + shard.index * 1_000_003 + id_hash(record_id) % 1_000_000_007 + attempt * 7_919) % (2**31 - 1)
+    return (base + shard.index * 1_000_003 + stable_hash(record_id) % 1_000_000_007 + attempt * 7_919) % (2**31 - 1)
 
 
 def effective_sampling(cfg: GenerateConfig, spec) -> dict[str, Any]:
@@ -272,7 +285,7 @@ def submission_batches(todo: list[int], chunks: list[list], submit_rows: int) ->
 
 class GenerationRun:
     def __init__(self, cfg: GenerateConfig, shard: ShardSpec, force: bool = False, progress: bool = True,
-                 retry_failed: bool = False, engine=None):
+                 retry_failed: bool = False, engine=None, allow_partial: bool = False):
         from recforge.prompts import load_prompt
 
         self.cfg, self.shard, self.force, self.show_progress = cfg, shard, force, progress
@@ -281,6 +294,7 @@ class GenerationRun:
         self.out = base / shard.folder if shard.active else base
         self.shards = self.out / "shards"
         self.template = load_prompt(cfg.task)
+        self.template.compiled()  # a syntax error is the recipe's, one line now, not a render_error on every row
         self.variables = dict(cfg.prompt_vars)
         taxonomy = resolve_taxonomy(cfg)
         if taxonomy:
@@ -288,10 +302,12 @@ class GenerationRun:
         self.output_spec = self.template.output_for(self.variables)
         self.constraint = constraint_from_output(self.output_spec)
         self.sampling = effective_sampling(cfg, self.template.spec)
-        self.model = resolve_model(cfg)
+        self.model = resolve_model(cfg, allow_partial)
+        self.partial = (self.model["partial"] or []) + self.unfinished_inputs(allow_partial)
         self.stats = {"rows_done": 0, "rows_failed": 0, "completion_tokens": 0, "prompt_tokens": 0}
         self.done: set[int] = set()
         self.n_chunks, self.rows_todo, self.start, self.bar = 0, 0, time.time(), None
+        self.n_rejects = 0
         self.streak = 0  # rows in a row (in processing order) that ended with an engine error
         self.stopped: str | None = None  # the last engine error, once the streak has stopped the run
 
@@ -310,7 +326,7 @@ class GenerationRun:
             "retry_temperature": self.cfg.retry_temperature,
             "engine": self.cfg.engine.kind,
             "engine_version": engine_version(self.cfg.engine.kind),
-            "input": self.cfg.input.model_dump(),
+            "input": self.cfg.input.model_dump(exclude={"split_entity"}),
             "chunk_size": self.cfg.chunk_size,
             "shard": f"{self.shard.index}/{self.shard.count}",
             **self.split_identity(),
@@ -319,20 +335,38 @@ class GenerationRun:
     def split_identity(self) -> dict[str, Any]:
         """The split rule, where it picks the rows (`input.split`) or the taxonomy's training books. Left out for
         the default rule, so runs fingerprinted before the rule was configurable still resume."""
-        t = self.cfg.taxonomy
-        uses_rule = self.cfg.input.split != "all" or bool(t and t.from_book_tags and not t.tags)
+        t, inp = self.cfg.taxonomy, self.cfg.input
+        # `book` was the only entity before `input.split_entity` existed: left out for it, so those runs resume
+        entity = {"split_entity": inp.entity} if inp.split != "all" and inp.entity != "book" else {}
+        uses_rule = inp.split != "all" or bool(t and t.from_book_tags and not t.tags)
         if not uses_rule or self.cfg.split == DEFAULT_RULE:
-            return {}
-        return {"split_rule": self.cfg.split.model_dump()}
+            return entity
+        return {**entity, "split_rule": self.cfg.split.model_dump()}
 
-    def check_fingerprint(self, fp: dict[str, Any]) -> list[dict]:
-        """Refuse to resume into rows made differently, unless --force; returns the fingerprint history."""
+    def unfinished_inputs(self, allow_partial: bool) -> list[str]:
+        """Input files written by a recforge run (a data corpus, ...) must come from a finished one."""
+        from recforge.runstate import require_complete
+
+        notes = [require_complete(resolve_path(p), k, allow_partial) for k, p in self.input_paths().items()
+                 if resolve_path(p).exists()]
+        return [n for n in notes if n]
+
+    def input_paths(self) -> dict[str, str]:
+        """The input files whose content the rows depend on, by recipe key."""
+        inp = self.cfg.input
+        return {"input.path": inp.path, **({"input.history.items_path": inp.history.items_path} if inp.history else {})}
+
+    def check_fingerprint(self, fp: dict[str, Any], digests: dict[str, str | None]) -> list[dict]:
+        """Refuse to resume into rows made differently (settings: unless --force; input content: always, since
+        chunk k would no longer hold the same rows); returns the fingerprint history. fingerprint.json is
+        written only when the checks pass."""
         path = self.out / "fingerprint.json"
         history: list[dict] = []
         if path.is_file():
             old = json.loads(path.read_text())
             history = old.get("history", [])
             prev = old.get("current", old)
+            self.check_inputs(old.get("input_digests"), digests)
             diff = sorted(k for k in set(prev) | set(fp) if prev.get(k) != fp.get(k))
             if diff:
                 if not self.force:
@@ -341,8 +375,22 @@ class GenerationRun:
                         "use a new out_dir, --overwrite to start over, or --force to resume anyway (both fingerprints are recorded)"
                     )
                 history.append(prev)
-        atomic_write_json(path, {"current": fp, "history": history})
+        atomic_write_json(path, {"current": fp, "history": history, "input_digests": digests})
         return history
+
+    def check_inputs(self, recorded: dict | None, current: dict[str, str | None]) -> None:
+        from recforge.runstate import changed_inputs
+
+        if recorded is None:  # fingerprinted before input digests were recorded: nothing to compare
+            return
+        # a file that is gone now: the reader's "file not found" names it better than a digest would
+        changed = [k for k in changed_inputs(recorded, current) if current.get(k) is not None]
+        if changed:
+            k = changed[0]
+            paths = self.input_paths()
+            raise RecforgeError(
+                f"{k} {paths.get(k, '?')} changed since this run started in {self.out} (sha256 "
+                f"{str(recorded.get(k))[:12]}… → {str(current.get(k))[:12]}…); use --overwrite to start over")
 
     def discard_outputs(self) -> None:
         """--overwrite: remove the rows, failures and fingerprint of a previous run in this folder (only those)."""
@@ -391,7 +439,9 @@ class GenerationRun:
                     retried |= set(pq.read_table(p, columns=["id"]).column("id").to_pylist())
                 else:
                     p.unlink()
-        failures = [f for f in self.read_failed() if f.get("chunk") in done and f.get("id") not in retried]
+        # one line per id (the latest): two runs once wrote the same chunk's failures side by side
+        kept = {f.get("id"): f for f in self.read_failed() if f.get("chunk") in done and f.get("id") not in retried}
+        failures = list(kept.values())
         self.write_failed(failures)
         return done, failures
 
@@ -409,17 +459,32 @@ class GenerationRun:
         return self.shards / f"retry-{k:05d}-{max(seen, default=0) + 1:03d}.parquet"
 
     # ---------------------------------------------------------------- main loop
-    def run(self) -> dict[str, Any]:
+    def run(self, overwrite: bool = False) -> dict[str, Any]:
+        """The whole run under the folder's writer lock: a second run on it exits 2 naming this one."""
+        from recforge.runstate import output_lock
+
+        with output_lock(self.out, "generate"):
+            if overwrite:
+                self.discard_outputs()
+            return self.run_locked()
+
+    def run_locked(self) -> dict[str, Any]:
         from recforge.io import JsonlAppender
         from recforge.manifest import RunRecorder
+        from recforge.runstate import input_digests
 
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        recorder = RunRecorder(self.out, "generate", cfg, seed=cfg.seed)
         fp = self.fingerprint()
-        history = self.check_fingerprint(fp)
-        records = read_records(cfg, self.out / "rejects.jsonl")
+        history = self.check_fingerprint(fp, input_digests(self.input_paths()))
+        # Past the checks: only now is anything of the previous run replaced (config, manifest, rejects).
+        recorder = RunRecorder(self.out, "generate", cfg, seed=cfg.seed)
+        rejects = self.out / "rejects.jsonl"
+        rejects.unlink(missing_ok=True)  # per run: every run reads the whole input again
+        records = read_records(cfg, rejects)
         recorder.add_input(cfg.input.path, name="input", rows=len(records))
+        self.n_rejects = count_lines(rejects)
+        if cfg.input.history:
+            recorder.add_input(cfg.input.history.items_path, name="input.history.items_path")
         if self.shard.active:
             records = [(i, r) for i, r in records if self.shard.owns(i)]
         chunks = [records[k : k + cfg.chunk_size] for k in range(0, len(records), cfg.chunk_size)]
@@ -548,11 +613,13 @@ class GenerationRun:
             recorder.rejects[f["reason"]] += 1
         recorder.add_output("generations", self.shards, rows=n_rows, files=len(files))
         recorder.add_output("failed", self.out / "failed.jsonl", rows=len(failed))
+        recorder.add_output("rejects", self.out / "rejects.jsonl", rows=self.n_rejects)  # this run's malformed input rows
         recorder.extra.update(
             {
                 "fingerprint": fp,
                 "fingerprint_history": history,
                 "model_used": self.model,
+                **({"partial_inputs": self.partial} if self.partial else {}),
                 "engine": {"kind": self.cfg.engine.kind, "version": getattr(engine, "version", engine_version(self.cfg.engine.kind))},
                 "progress": self.figures(),
                 "input_rows": len(records),
@@ -647,13 +714,20 @@ class GenerationRun:
 
 
 def run_generate(cfg: GenerateConfig, shard: str | None = None, force: bool = False, progress: bool = True,
-                 overwrite: bool = False, retry_failed: bool = False, engine=None) -> dict[str, Any]:
+                 overwrite: bool = False, retry_failed: bool = False, engine=None, allow_partial: bool = False) -> dict[str, Any]:
     """`engine`: an engine already started for cfg's model (a service or a benchmark that keeps one vLLM
-    engine across runs); by default the run builds its own from cfg.engine."""
-    run = GenerationRun(cfg, ShardSpec.parse(shard), force=force, progress=progress, retry_failed=retry_failed, engine=engine)
-    if overwrite:
-        run.discard_outputs()
-    return run.run()
+    engine across runs); by default the run builds its own from cfg.engine. `allow_partial`: serve a model
+    folder whose producing run did not finish (recorded in the manifest)."""
+    run = GenerationRun(cfg, ShardSpec.parse(shard), force=force, progress=progress, retry_failed=retry_failed,
+                        engine=engine, allow_partial=allow_partial)
+    return run.run(overwrite=overwrite)
+
+
+def count_lines(path: Path) -> int:
+    if not path.is_file():
+        return 0
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
 
 
 def run_problem(manifest: dict[str, Any]) -> str | None:

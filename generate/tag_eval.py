@@ -19,10 +19,10 @@ import re
 from collections import Counter
 from typing import Iterable
 
+from recforge.generate.generate_config import SPLIT_SIDES
 from recforge.generate.postprocess import normalize_tag
-from recforge.generate.splits import book_split
 from recforge.readers import FileKey, RejectLog, SourceConfig, read_records
-from recforge.splits import DEFAULT_RULE, SplitRule, describe
+from recforge.splits import DEFAULT_RULE, SplitRule, describe, split_of
 
 READER_SHELVES = {
     "to-read", "currently-reading", "read", "favorites", "favourites", "favorite", "favourite", "faves", "fave",
@@ -68,7 +68,7 @@ def read_truth(path: str, split: str = "heldout", top: int = 10, rejects: Reject
                         FileKey("--truth"), {"tags": "tags"})
     truth = {}
     for bid, row in rows:
-        if split == "all" or book_split(bid, rule) == split:
+        if split == "all" or split_of("book", bid, rule) == SPLIT_SIDES[split]:
             tags = book_shelf_tags(row.get("tags") or [], top)
             if tags:
                 truth[bid] = tags

@@ -12,7 +12,11 @@ The spec says what a template needs and what it must produce:
 Security: templates are rendered in a jinja2 `SandboxedEnvironment` with `StrictUndefined`. Record
 values are data: they are inserted as text and never parsed as template source, so a title such as
 `{{ 7*7 }}` stays literally `{{ 7*7 }}` (also through the model's chat template, which receives the
-rendered text as a message value, not as source).
+rendered text as a message value, not as source). A template is code the recipe's author controls, so it
+is bounded too: it cannot include, import or extend other templates, its `range`s together create at most
+RANGE_BUDGET numbers per record, and `*` / `**` cannot build a huge string, list or number. Whatever a template
+(ours or the model's chat template) raises while rendering a record is a `RecforgeError` for that record
+(`recforge generate` files it as a `render_error` row; `recforge prompts render` prints one line).
 """
 
 from __future__ import annotations
@@ -24,13 +28,54 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from jinja2 import StrictUndefined, TemplateError, UndefinedError
+from jinja2 import BaseLoader, StrictUndefined, TemplateError, TemplateNotFound, UndefinedError
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import Field, ValidationError
 
-from recforge.config import RecforgeError, RecipeModel, format_validation_error
+from recforge.config import RecforgeError, RecipeModel, format_validation_error, load_yaml
 
 PROMPTS_DIR = Path(__file__).resolve().parent
+# A prompt lists a few dozen things at most; these bounds only stop a template from running away.
+RANGE_BUDGET = 10_000  # numbers all `range()` calls of one render may create together (nested loops too)
+MAX_PRODUCT = 100_000  # items (characters) a `*` may build from a string or list
+MAX_EXPONENT = 64  # `a ** b`: larger exponents can take minutes and gigabytes
+
+
+class _NoTemplates(BaseLoader):
+    """`include` / `import` / `extends` load nothing: a prompt is one file, and a recipe must not read other files."""
+
+    def get_source(self, environment, template):
+        raise TemplateNotFound(template, f"prompt templates cannot include, import or extend other templates ({template!r})")
+
+
+class _PromptSandbox(SandboxedEnvironment):
+    """The sandbox with arithmetic bounded (jinja2 calls `call_binop` for `intercepted_binops` and never folds them)."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "**" and isinstance(right, (int, float)) and abs(right) > MAX_EXPONENT:
+            raise SecurityError(f"exponent {right} is over the template limit of {MAX_EXPONENT}")
+        if operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(times, int) and len(seq) * times > MAX_PRODUCT:
+                    raise SecurityError(f"`*` would build {len(seq) * times} items, over the template limit of {MAX_PRODUCT}")
+        return super().call_binop(context, operator, left, right)
+
+
+class _RangeBudget:
+    """`range` for one render: the sandbox bounds one range (MAX_RANGE); this bounds all of them together."""
+
+    def __init__(self, budget: int = RANGE_BUDGET):
+        self.left = budget
+
+    def __call__(self, *args):
+        numbers = range(*args)
+        self.left -= len(numbers)
+        if self.left < 0:
+            raise SecurityError(f"range(): a template may create at most {RANGE_BUDGET} numbers per record")
+        return numbers
 
 
 class OutputSpec(RecipeModel):
@@ -86,7 +131,7 @@ class PromptTemplate:
 
     def compiled(self):
         if self._compiled is None:
-            env = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=False)
+            env = _PromptSandbox(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=False, loader=_NoTemplates())
             env.filters["tojson_compact"] = lambda v: json.dumps(v, ensure_ascii=False, separators=(", ", ": "))
             try:
                 self._compiled = env.from_string(self.source)
@@ -104,13 +149,14 @@ class PromptTemplate:
         # Template variables (spec defaults, then the recipe's prompt_vars) win over record fields: a data row
         # holding `k` or `taxonomy` must not change how many tags are asked for or which. The row's own value
         # stays reachable as `record.k`.
-        context = {**record, **self.spec.defaults, **(variables or {}), "record": record}
+        context = {**record, **self.spec.defaults, **(variables or {}), "record": record, "range": _RangeBudget()}
+        template = self.compiled()
         try:
-            return self.compiled().render(**context).strip()
+            return template.render(**context).strip()
         except UndefinedError as err:
             raise RecforgeError(f"prompt {self.name!r}: record {rid!r}: undefined field in template: {err.message}") from None
-        except TemplateError as err:
-            raise RecforgeError(f"prompt {self.name!r}: record {rid!r}: template error: {err}") from None
+        except Exception as err:  # rendering runs the template's code: whatever it raises belongs to this record
+            raise RecforgeError(f"prompt {self.name!r}: record {rid!r}: template error: {_one_line(err)}") from None
 
     def messages(self, record: dict[str, Any], record_id: str | None = None, variables: dict | None = None) -> list[dict]:
         """System turn (shared instructions first, so prefix caching reuses them) + the rendered user turn."""
@@ -140,9 +186,17 @@ class PromptTemplate:
 def render_chat(tokenizer, messages: list[dict]) -> str:
     """The prompt text the model sees: the model's own chat template with the generation prompt."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as err:  # the model folder's template code (jinja2 sandbox errors, raise_exception, range, ...)
+            raise RecforgeError(f"the model's chat template failed: {_one_line(err)}") from None
     # A base model without a chat template: plain "role: content" turns.
     return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\n\nassistant:"
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())[:300]
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def list_prompts(directory: Path = PROMPTS_DIR) -> list[str]:
@@ -161,7 +215,7 @@ def load_prompt(name_or_path: str, directory: Path = PROMPTS_DIR) -> PromptTempl
         raise RecforgeError(f"prompt {name_or_path!r} not found (need {j2.name} + {spec_path.name}); known: {known}")
     spec_text = spec_path.read_text(encoding="utf-8")
     try:
-        data = yaml.safe_load(spec_text) or {}
+        data = load_yaml(spec_text, str(spec_path)) or {}  # bounded: size and alias expansion
     except yaml.YAMLError as err:
         raise RecforgeError(f"{spec_path}: not valid YAML: {err}") from None
     try:

@@ -111,7 +111,7 @@ def full_disk_message(err: OSError) -> str:
         probe = next((p for p in (where, *where.parents) if p.exists()), None)
         if probe is not None:
             free = f" ({shutil.disk_usage(probe).free / 2**20:.1f} MiB free there)"
-    return (f"no space left on the device writing {where or 'an output file'}{free}; free some space (the run needs "
+    return (f"no space left on device writing {where or 'an output file'}{free}; free some space (the run needs "
             "at least its output's size again) and rerun the same command: finished outputs are kept, unfinished ones are not used")
 
 

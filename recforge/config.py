@@ -17,6 +17,98 @@ class RecforgeError(Exception):
     """An error in the user's input (recipe, data, paths). The CLI prints it without a traceback."""
 
 
+# ---------------------------------------------------------------- bounded YAML
+# Every YAML file recforge reads (recipes, overrides, prompt specs, taxonomy maps) is small, hand-written
+# config. It is bounded before anything looks at it: in size, and in how big its anchors/aliases make it.
+# PyYAML shares an aliased node, so `b: [*a, *a, ...]` nine levels deep is a few hundred bytes on disk and
+# in the parsed object, but 1e9 strings to anything that walks it (pydantic validation, an error message's
+# repr); so the size a document would have written out is counted on the node graph, once per node.
+MAX_YAML_BYTES = 16 << 20
+MAX_YAML_NODES = 1_000_000  # scalars + collections, aliases counted as often as they are used
+
+
+def _check_expansion(root: yaml.Node, source: str) -> None:
+    """Refuse a composed document that expands (aliases counted at every use) past MAX_YAML_NODES, or that
+    contains itself. Each node is sized once, so this costs the size of the file, not of its expansion."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()  # on the current path: meeting one again is a structure that contains itself
+    # post-order walk, no recursion: a deep document must not hit Python's recursion limit either
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        kids = _children(node)
+        if not children_done and kids:
+            if id(node) in open_nodes:
+                raise RecforgeError(f"{source}: the YAML holds a structure that contains itself (an alias "
+                                    "inside its own anchor); recforge configs are plain trees")
+            open_nodes.add(id(node))
+            stack.append((node, True))
+            stack.extend((k, False) for k in kids if id(k) not in sizes)
+            continue
+        open_nodes.discard(id(node))
+        sizes[id(node)] = 1 + sum(sizes.get(id(k), 0) for k in kids)
+        if sizes[id(node)] > MAX_YAML_NODES:
+            raise RecforgeError(f"{source}: the YAML expands to more than {MAX_YAML_NODES:,} values through its "
+                                "anchors and aliases (&name / *name); write the values out or shorten them")
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """`yaml.safe_load`, bounded: refuses text over MAX_YAML_BYTES and alias expansion bombs (one line, naming `source`)."""
+    if len(text) > MAX_YAML_BYTES:
+        raise RecforgeError(f"{source}: {len(text):,} characters of YAML, more than the {MAX_YAML_BYTES:,} a "
+                            "recforge config may have")
+    loader = yaml.SafeLoader(text)  # what yaml.safe_load uses, split in compose / check / construct
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node, source)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def read_yaml_file(path: str | Path, what: str = "YAML file") -> Any:
+    """A YAML file, bounded in size before it is read (see `load_yaml`); errors are one line naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecforgeError(f"{what} not found: {path}")
+    size = path.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise RecforgeError(f"{path}: {size:,} bytes, more than the {MAX_YAML_BYTES:,} a recforge {what} may have")
+    try:
+        return load_yaml(path.read_text(encoding="utf-8-sig"), str(path))
+    except yaml.YAMLError as err:
+        raise RecforgeError(f"{path}: not valid YAML: {_one_line(err)}") from None
+    except UnicodeDecodeError as err:
+        raise RecforgeError(f"{path}: not UTF-8 text (invalid byte at offset {err.start})") from None
+
+
+def _one_line(err: Exception, limit: int = 300) -> str:
+    return " ".join(str(err).split())[:limit]
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """A repr that never walks more than a few elements: the repr of a shared-reference structure (or just a
+    huge value) must not cost memory and time proportional to its expanded size."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxset, r.maxdict = 3, 4, 4, 4, 4
+    r.maxstring = r.maxlong = r.maxother = limit
+    return r.repr(value)[:limit]
+
+
 class RecipeModel(BaseModel):
     """Base for every config model: unknown keys are errors, values are validated on assignment."""
 
@@ -35,7 +127,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key.strip() or any(not p for p in parts):
         raise RecforgeError(f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = load_yaml(raw, f"override {key.strip()}") if raw != "" else ""
     except yaml.YAMLError:
         value = raw  # not valid YAML: take it as a plain string
     return parts, value
@@ -68,7 +160,7 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         given = e.get("input")
-        shown = "" if e["type"] in ("extra_forbidden", "missing") else f" (got {given!r:.80})"
+        shown = "" if e["type"] in ("extra_forbidden", "missing") else f" (got {short_repr(given)})"
         problems.append(f"key '{key}': {msg}{shown}".replace("\n", " "))
     return f"{source}: " + "; ".join(problems)
 
@@ -82,12 +174,7 @@ def validate_config(model_cls: type[M], data: dict[str, Any], source: str) -> M:
 
 def read_recipe_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
-        raise RecforgeError(f"recipe file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise RecforgeError(f"{path}: not valid YAML: {err}") from None
+    data = read_yaml_file(path, "recipe file") or {}
     if not isinstance(data, dict):
         raise RecforgeError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}")
     return data

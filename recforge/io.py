@@ -67,6 +67,12 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def naming_full_disk(path: str | os.PathLike) -> Iterator[None]:
     """Re-raise a full disk (ENOSPC) as an OSError naming the file being written: a plain write() error names
@@ -89,6 +95,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the mode an ordinary open() would give
     tmp_path = Path(tmp)
     try:
         with naming_full_disk(path):

@@ -81,10 +81,10 @@ class RunRecorder:
         self.rejects: Counter[str] = Counter()
         self.extra: dict[str, Any] = {}
         self.main = is_main_process()
-        if self.main:
+        if self.main:  # the running marker first: a run cut between the two writes is never taken for finished
+            atomic_write_json(self.out_dir / "manifest.json", {"status": RUNNING, **self.header()})
             if config is not None:
                 atomic_write_text(self.out_dir / "resolved_config.yaml", dump_config(config))
-            atomic_write_json(self.out_dir / "manifest.json", {"status": RUNNING, **self.header()})
 
     def add_input(self, path: str | Path, name: str | None = None, rows: int | None = None) -> None:
         resolved = resolve_path(path)

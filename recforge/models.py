@@ -294,3 +294,95 @@ def resolve_model(name_or_path: str) -> str:
         print(f"recforge: converting {name_or_path} into {folder} (once)", file=sys.stderr)
         fetch_model(name_or_path, folder)
     return str(folder)
+
+
+# ---------------------------------------------------------------------------------------------- folder checks
+
+
+def require_known_architecture(folder: str | os.PathLike, what: str, trust_remote_code: bool = False) -> None:
+    """Refuse, in one line naming the folder, a model whose config asks transformers / sentence-transformers to
+    run code shipped inside the folder (`auto_map` with a `model_type` transformers does not know, or a
+    sentence-transformers module that is not one of its own) while trust_remote_code is off; also an unknown
+    `model_type` and an unreadable config.json. Called before the folder is loaded, so none of this is a
+    traceback from deep inside the loader."""
+    from transformers import CONFIG_MAPPING
+
+    root = Path(folder)
+    for config in [root / "config.json", *sorted(root.glob("*/config.json"))]:
+        data = _json_file(config, what)
+        if not isinstance(data, dict) or ("model_type" not in data and "auto_map" not in data):
+            continue  # e.g. sentence-transformers' 1_Pooling/config.json: no architecture in it
+        model_type = data.get("model_type")
+        if model_type in CONFIG_MAPPING:
+            continue  # a known architecture: transformers uses its own code even when auto_map is present
+        if data.get("auto_map") and not trust_remote_code:
+            raise RecforgeError(f"{what} {root}: {config.name} declares model_type {model_type!r}, unknown to transformers, "
+                                "and asks to run code from the folder (auto_map); trust_remote_code is off, so it is "
+                                "not loaded (set trust_remote_code: true only for code you have read)")
+        if not data.get("auto_map"):
+            raise RecforgeError(f"{what} {root}: {config.name} declares model_type {model_type!r}, which this transformers "
+                                "does not know (and the folder ships no code for it)")
+    modules = _json_file(root / "modules.json", what)
+    for module in modules if isinstance(modules, list) else []:
+        kind = str(module.get("type", "")) if isinstance(module, dict) else ""
+        if not trust_remote_code and not kind.startswith("sentence_transformers."):
+            raise RecforgeError(f"{what} {root}: modules.json names the module type {kind[:100]!r}, not one of "
+                                "sentence-transformers' own; trust_remote_code is off, so its code is not run")
+
+
+def _json_file(path: Path, what: str):
+    """A model folder's JSON file, or None when absent; unreadable is one line naming it."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise RecforgeError(f"{what}: {path}: not a readable JSON file ({type(err).__name__})") from None
+
+
+# Pickled weights: loading them can run arbitrary code (torch's `weights_only` is the only guard).
+PICKLE_WEIGHTS = ("pytorch_model*.bin", "adapter_model.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
+
+
+def require_safetensors(folder: str | os.PathLike, what: str) -> None:
+    """Refuse, in one line naming the folder, a model or adapter folder whose weights are pickles only
+    (`pytorch_model.bin`, no `*.safetensors`): every command loads safetensors only. A folder without
+    weights of either kind passes (the loader says what is missing)."""
+    root = Path(folder)
+    if not root.is_dir() or any(root.glob("*.safetensors")):
+        return
+    pickles = sorted({p.name for pattern in PICKLE_WEIGHTS for p in root.glob(pattern)})
+    if pickles:
+        raise RecforgeError(f"{what} {root}: its weights are pickle files only ({', '.join(pickles[:3])}), which can run "
+                            "code when loaded; recforge loads safetensors only: convert the folder (save_pretrained "
+                            "with safe_serialization=True) or use one that ships *.safetensors")
+
+
+def check_model_folder(path: str | os.PathLike, what: str, trust_remote_code: bool = False,
+                       allow_partial: bool = False) -> str | None:
+    """The one check every command runs before it loads a local model or adapter folder (a hub id passes):
+    it comes from a finished run (`recforge.runstate.require_complete`), its weights and those of its
+    sentence-transformers modules are safetensors (no pickle is ever unpickled), and it asks for no code
+    from the folder. Returns the `allow_partial` note of an unfinished producer (else None)."""
+    from recforge.io import resolve_path
+    from recforge.runstate import require_complete
+
+    root = resolve_path(path)
+    if not root.exists():
+        return None
+    note = require_complete(root, what, allow_partial)
+    if root.is_dir():
+        for folder in (root, *_module_folders(root)):  # sentence-transformers modules with weights (2_Dense, ...)
+            require_safetensors(folder, what)
+        require_known_architecture(root, what, trust_remote_code)
+    return note
+
+
+def _module_folders(root: Path) -> list[Path]:
+    """The sub-folders of a sentence-transformers model that its modules.json loads (`2_Dense`, ...)."""
+    try:
+        modules = json.loads((root / "modules.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []  # no modules.json (a plain transformers folder); a broken one is refused by the architecture check
+    paths = [m.get("path") for m in modules if isinstance(m, dict)] if isinstance(modules, list) else []
+    return [root / p for p in paths if isinstance(p, str) and p and (root / p).is_dir()]

@@ -11,6 +11,11 @@ codes are stable (`REASONS`); `strict` turns the first reject (of any reason, or
 into an error. A mistake in the recipe itself (a mapped column that the file does not have, a missing
 file) is an error naming the recipe key, not a reject.
 
+A file that cannot be read at all (a truncated `.gz`, a `.parquet` that is not Parquet) is one error naming
+it, not a traceback. A UTF-8 byte order mark is not part of the first row; ids in a Parquet `binary` column are
+decoded as UTF-8 (`invalid_id` when they are not); a time without a UTC offset is read as UTC, never in the
+machine's zone.
+
 Rows are validated one at a time in Python because that is what gives line-level rejects; the heavy
 work on interaction logs (group-bys, joins) happens afterwards in Polars, on the frame
 `read_interactions` returns, built in bounded chunks.
@@ -27,9 +32,10 @@ import csv
 import gzip
 import json
 import math
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
@@ -44,6 +50,8 @@ REASONS = {
     "bad_utf8": "the line is not valid UTF-8",
     "bad_csv_row": "the row has a different number of columns than the header",
     "missing_id": "a required id is absent or empty",
+    "invalid_id": "an id is bytes that are not UTF-8 text (e.g. a binary Parquet column)",
+    "missing_field": "a required field other than an id (a grade, a number) is absent",
     "wrong_type": "a value has a type the field cannot take",
     "empty_text": "no text left in the row's text fields",
     "field_too_long": "a text field is longer than max_field_chars",
@@ -161,10 +169,41 @@ def detect_format(path: Path, fmt: Format) -> str:
     raise RecforgeError(f"{path}: cannot tell the format from the file name; set format: jsonl|csv|tsv|parquet")
 
 
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark (Excel, Windows tools) is not part of the first row
+
+
 def _binary_lines(path: Path) -> Iterator[bytes]:
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rb") as f:
-        yield from f
+        for n, line in enumerate(f):
+            yield line.removeprefix(BOM) if n == 0 else line
+
+
+# What a broken file raises while being read: a truncated or corrupt gzip stream, a non-Parquet file.
+# Only read calls are guarded (`_guarded`), so an error writing rejects (a full disk) is not mistaken for it.
+def _unreadable_errors() -> tuple[type[BaseException], ...]:
+    import pyarrow as pa
+
+    return (EOFError, gzip.BadGzipFile, zlib.error, pa.ArrowException)
+
+
+def _guarded(rows: Iterator[Any], path: Path, fmt: str) -> Iterator[Any]:
+    """`rows`, with a broken file turned into one error naming it (no traceback), however far reading got."""
+    errors = _unreadable_errors()
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except errors as err:
+            raise _unreadable(path, fmt, err) from None
+        yield row
+
+
+def _unreadable(path: Path, fmt: str, err: BaseException) -> RecforgeError:
+    detail = (str(err).splitlines() or [""])[0][:200] or type(err).__name__
+    gz = " (gzip)" if path.name.endswith(".gz") else ""
+    return RecforgeError(f"{path}: not a readable {fmt}{gz} file, truncated or of another format: {detail}")
 
 
 def _decode(line: bytes, keep_end: bool = False) -> tuple[str | None, str]:
@@ -240,16 +279,23 @@ def _iter_parquet(path: Path) -> Iterator[_RawRow]:
 
 def iter_raw_rows(path: Path, fmt: str) -> Iterator[_RawRow]:
     if fmt == "jsonl":
-        return _iter_jsonl(path)
-    if fmt == "csv":
-        return _iter_delimited(path, ",")
-    if fmt == "tsv":
-        return _iter_delimited(path, "\t")
-    return _iter_parquet(path)
+        rows = _iter_jsonl(path)
+    elif fmt in ("csv", "tsv"):
+        rows = _iter_delimited(path, "," if fmt == "csv" else "\t")
+    else:
+        rows = _iter_parquet(path)
+    return _guarded(rows, path, fmt)
 
 
 def file_columns(path: Path, fmt: str) -> list[str] | None:
     """The columns a file declares (CSV/TSV header, Parquet schema); None for JSONL (rows may differ)."""
+    try:
+        return _file_columns(path, fmt)
+    except _unreadable_errors() as err:
+        raise _unreadable(path, fmt, err) from None
+
+
+def _file_columns(path: Path, fmt: str) -> list[str] | None:
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
@@ -271,7 +317,14 @@ def _raw_text(row: _RawRow) -> str:
 
 
 def coerce_id(value: Any, key: str) -> str:
-    """Ids become strings; 42, "42" and 42.0 are the same id. Empty, bool, fractional or nested values are errors."""
+    """Ids become strings; 42, "42" and 42.0 are the same id. Empty, bool, fractional or nested values are errors.
+
+    Bytes (a Parquet `binary` column) are decoded as UTF-8: str(b"42") would be the id "b'42'", which joins nothing."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise _Skip("invalid_id", f"{key} is bytes that are not UTF-8 (invalid byte at offset {err.start})") from None
     if value is None or (isinstance(value, str) and not value.strip()):
         raise _Skip("missing_id", f"{key} is absent or empty")
     if isinstance(value, bool) or isinstance(value, (dict, list)):
@@ -304,9 +357,12 @@ def coerce_timestamp(value: Any, key: str) -> float | None:
     """Numbers (epoch seconds, or any monotone position such as seq_pos) or ISO-8601 strings."""
     if isinstance(value, str) and value.strip() and not value.strip().lstrip("-").replace(".", "", 1).isdigit():
         try:
-            return datetime.fromisoformat(value.strip().replace("Z", "+00:00")).timestamp()
+            moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
         except ValueError:
             raise _Skip("wrong_type", f"{key} must be a number or an ISO-8601 time, got {value!r:.60}") from None
+        # A time without an offset is UTC, as everywhere else in recforge (LARR renders hours in UTC): read in
+        # the machine's zone, one file would give other timestamps, splits and features on another host.
+        return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
     return coerce_number(value, key)
 
 
@@ -487,7 +543,7 @@ def read_judgments(src: SourceConfig, rejects: RejectLog, name: str = "judgments
         else:
             grade = coerce_number(raw_grade, cols["grade"])
         if grade is None:
-            raise _Skip("missing_id", f"{cols['grade']} is absent")
+            raise _Skip("missing_field", f"{cols['grade']} is absent")
         key = f"{query_id}\t{item_id}"
         return key, Judgment(query_id, item_id, grade), line, json.dumps(values, ensure_ascii=False, default=str)
 
@@ -606,12 +662,12 @@ def _check_kind(value: Any, key: str, kind: str) -> Any:
             raise _Skip("empty_text", f"field {key!r} is absent or empty")
     elif kind == "number":
         if coerce_number(value, key) is None:
-            raise _Skip("missing_id", f"field {key!r} is absent")
+            raise _Skip("missing_field", f"field {key!r} is absent")
     elif kind == "list":
         if value is not None and not isinstance(value, list):
             raise _Skip("wrong_type", f"field {key!r} must be a list, got {type(value).__name__}")
     elif value is None:
-        raise _Skip("missing_id", f"field {key!r} is absent")
+        raise _Skip("missing_field", f"field {key!r} is absent")
     return value
 
 

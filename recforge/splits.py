@@ -126,3 +126,14 @@ def leakage_check(train_ids, eval_ids, unit: str, method: str, split: str | None
 def entity_leakage(train_ids: Iterable[str], eval_ids: Iterable[str], entity: str, rule: SplitRule = DEFAULT_RULE) -> dict:
     """`leakage_check` for ids split by this rule: the report names the rule."""
     return leakage_check(train_ids, eval_ids, f"{entity}_id", "hash", describe(entity, rule))
+
+
+# KAR's leakage guard (the one setting `generate` and the CTR bridge share): per user, the first
+# min((n+1)//2, KAR_MAX_PROMPT_ITEMS) events by time feed prompts / text features only; the rest stay for CTR
+# samples, so no generated text ever saw a sample's label.
+KAR_MAX_PROMPT_ITEMS = 30
+
+
+def kar_prefix_length(n: int, max_prompt_items: int = KAR_MAX_PROMPT_ITEMS) -> int:
+    """How many of a user's `n` time-ordered events are prompt-only under KAR's leakage guard."""
+    return min((n + 1) // 2, max_prompt_items)

@@ -220,3 +220,143 @@ def test_the_corrected_readme_example_runs_and_the_old_key_is_refused(tmp_path, 
                  f"inputs.products.path={sample}"]) == 2
     err = capsys.readouterr().err
     assert "inputs.products" in err and len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- hostile input (issue 23)
+# Broken files and hostile model folders: before, each was a traceback from gzip, pyarrow or transformers, or
+# (a pickle-only encoder) loaded and exited 0. Now every one is the same one line, exit 2.
+
+HOSTILE = [("data", "truncated_gz"), ("data", "not_parquet"), ("embed", "truncated_gz"), ("embed", "not_parquet"),
+           ("embed", "pickle_only_model"), ("embed", "remote_code_model"),
+           ("eval retrieval", "pickle_only_model"), ("eval retrieval", "remote_code_model"),
+           ("generate", "pickle_only_model"), ("generate", "remote_code_model")]
+
+
+def truncated_gz(tmp: Path, sample: str, name: str) -> Path:
+    """The first half of a shipped `.jsonl.gz`: a download or copy cut short (gzip's end-of-stream is missing)."""
+    data = (REPO / sample).read_bytes()
+    path = tmp / name
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def not_parquet(tmp: Path, name: str) -> Path:
+    path = tmp / name
+    path.write_bytes(b'{"product_id": "B1", "product_title": "a JSON line, named .parquet"}\n')
+    return path
+
+
+def hostile_model(tmp: Path, case: str) -> Path:
+    """A model folder refused before any of it is loaded: pickled weights only, or code asked to run from it."""
+    import json
+
+    folder = tmp / case
+    folder.mkdir()
+    config = {"model_type": "bert", "architectures": ["BertModel"]}
+    if case == "remote_code_model":
+        config = {"model_type": "evilnet", "auto_map": {"AutoConfig": "modeling_evil.EvilConfig",
+                                                        "AutoModel": "modeling_evil.EvilModel"}}
+        (folder / "modeling_evil.py").write_text("raise SystemExit('remote code ran')\n")
+        (folder / "model.safetensors").write_bytes(b"\0" * 16)
+    else:
+        (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def hostile_argv(command: str, case: str, tmp: Path) -> tuple[list[str], str]:
+    out = f"out_dir={tmp / 'out'}"
+    if case in ("pickle_only_model", "remote_code_model"):
+        model = hostile_model(tmp, case)
+        if command == "embed":
+            return ["embed", recipe("align/recipes/embed_goodbooks.yaml"), out, f"model={model}"], str(model)
+        if command == "generate":
+            return ["generate", "--no-progress", recipe("generate/recipes/goodbooks_tags.yaml"), out,
+                    f"model.name_or_path={model}"], str(model)
+        return ["eval", "retrieval", recipe("align/recipes/eval_esci.yaml"), out, f"models.tuned={model}"], str(model)
+    if command == "data":
+        path = (truncated_gz(tmp, "data_recipes/samples/esci_us_titles/products.jsonl.gz", "products.jsonl.gz")
+                if case == "truncated_gz" else not_parquet(tmp, "products.parquet"))
+        return ["data", recipe("data_recipes/recipes/esci_search.yaml"), out, f"inputs.items.path={path}"], str(path)
+    path = (truncated_gz(tmp, "data_recipes/samples/goodbooks_10k_catalog/books.jsonl.gz", "books.jsonl.gz")
+            if case == "truncated_gz" else not_parquet(tmp, "books.parquet"))
+    return ["embed", recipe("align/recipes/embed_goodbooks.yaml"), out, "model=minilm", f"catalogue.path={path}"], str(path)
+
+
+@pytest.mark.parametrize("command,case", HOSTILE)
+def test_hostile_file_or_model_is_one_line_exit_2_no_traceback(command, case, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RECFORGE_CACHE", str(tmp_path / "cache"))  # the digest cache stays out of the home folder
+    args, needle = hostile_argv(command, case, tmp_path)
+    capsys.readouterr()
+    status = main(args)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert status == 2, err
+    assert "Traceback" not in err
+    assert len(lines) == 1 and lines[0].startswith("recforge: error: "), err
+    assert needle in lines[0], (needle, lines[0])
+    if "model" in case:
+        assert "pickle" in lines[0] or "trust_remote_code is off" in lines[0], lines[0]
+        assert not (tmp_path / "out" / "manifest.json").exists()  # refused before the run wrote anything
+
+
+def yaml_bomb(levels: int = 9, width: int = 10) -> str:
+    """A flow list of 9 anchored lists, each holding the previous one `width` times: ~400 bytes of YAML that
+    expand to 1.1e9 strings for anything that walks them (validation, an error message's repr, a template)."""
+    parts = ["&l0 [" + ", ".join(["x"] * width) + "]"]
+    parts += [f"&l{i} [" + ", ".join([f"*l{i - 1}"] * width) + "]" for i in range(1, levels)]
+    return "[" + ", ".join(parts) + "]"
+
+
+def bomb_argv(case: str, tmp: Path) -> tuple[list[str], str]:
+    """The command line feeding the bomb through one YAML input, and the text the error line must contain."""
+    out = f"out_dir={tmp / 'out'}"
+    gen = recipe("generate/recipes/goodbooks_tags.yaml")
+    if case == "recipe_prompt_vars":
+        path = tmp / "tags_bomb.yaml"
+        path.write_text((REPO / "generate/recipes/goodbooks_tags.yaml").read_text() + f"\nprompt_vars: {{k: 5, taxonomy: {yaml_bomb()}}}\n")
+        return ["generate", "--no-progress", str(path), out], path.name
+    if case == "recipe_list_of_strings":
+        path = tmp / "esci_bomb.yaml"
+        path.write_text((REPO / "data_recipes/recipes/esci_search.yaml").read_text()
+                        + f"\nserializer: {{style: pieces, fields: {yaml_bomb()}}}\n")
+        return ["data", str(path), out], path.name
+    if case == "override":
+        return ["generate", "--no-progress", gen, out, f"prompt_vars.taxonomy={yaml_bomb()}"], "prompt_vars.taxonomy"
+    if case == "prompt_spec":
+        for suffix in (".j2", ".yaml"):
+            text = (REPO / "prompts" / f"shelf_tags{suffix}").read_text()
+            (tmp / f"bomb_task{suffix}").write_text(text + (f"\nvariables: {{k: 5, taxonomy: {yaml_bomb()}}}\n" if suffix == ".yaml" else ""))
+        return ["generate", "--no-progress", gen, out, f"task={tmp / 'bomb_task.j2'}"], "bomb_task.yaml"
+    assert case == "taxonomy_map"
+    (tmp / "map.yaml").write_text(f"fantasy: {yaml_bomb()}\n")
+    run = generate_run(tmp, "empty")
+    return ["generate-export", str(run), "--taxonomy-map", str(tmp / "map.yaml"), "--out", str(tmp / "f.parquet")], "map.yaml"
+
+
+BOMB_CASES = ["recipe_prompt_vars", "recipe_list_of_strings", "override", "prompt_spec", "taxonomy_map"]
+
+
+@pytest.mark.parametrize("case", BOMB_CASES)
+def test_yaml_alias_bomb_fails_fast_in_one_line_with_little_memory(case, tmp_path):
+    """Run in a child process, so its peak memory is its own: before, PyYAML's shared aliases were expanded by
+    validation or by the error message's repr (past 2 GB, minutes); now the YAML is bounded before that."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    args, needle = bomb_argv(case, tmp_path)
+    rss_file = tmp_path / "maxrss"
+    wrapper = ("import resource, sys\nfrom recforge.cli import main\ntry:\n    rc = main(sys.argv[2:])\nfinally:\n"
+               "    open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))\nsys.exit(rc)\n")
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", wrapper, str(rss_file), *args], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "RECFORGE_CACHE": str(tmp_path / "cache")}, cwd=tmp_path)
+    elapsed = time.monotonic() - started
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("recforge: error: ") and needle in lines[0], proc.stderr[-2000:]
+    assert "anchors and aliases" in lines[0] and len(lines[0]) < 600, lines[0]
+    assert int(rss_file.read_text()) < 1_000_000, "peak memory (KiB) stays that of an ordinary run"
+    assert elapsed < 60, elapsed

@@ -10,12 +10,17 @@ import pytest
 
 from recforge.generate.parsing import ParseError, extract_json, parse_output
 from recforge.generate.postprocess import aggregate, normalize_tag, normalize_tags
-from recforge.generate.splits import book_split
 from recforge.shards import shard_of
 from recforge.generate.tag_eval import book_shelf_tags, is_reader_shelf, precision_recall_at_k, read_truth
 from recforge.prompts import load_prompt
+from recforge.splits import split_of
 
 BOOK_TAGS = "sample://goodbooks_10k_book_tags/books_tags.jsonl.gz"
+
+
+def book_split(book_id) -> str:
+    """The side of the project split (entity `book`) generate's `input.split` and finetune's tags SFT use for goodbooks."""
+    return "heldout" if split_of("book", book_id) == "eval" else "train"
 
 
 @pytest.mark.parametrize(
@@ -135,6 +140,7 @@ def test_export_writes_the_shared_features_schema(tmp_path):
              "outputs": [json.dumps({"hashtags": ["#Fantasy", "#fantasy", "#epic"]})], "raw": "", "finish_reason": "stop",
              "attempts": 1, "seed": 1, "prompt_tokens": 3, "completion_tokens": 4}]
     pq.write_table(pa.Table.from_pylist(rows, schema=output_schema()), run / "shards" / "part-00000.parquet")
+    (run / "manifest.json").write_text(json.dumps({"command": "generate", "status": "complete", "complete": True}))
     (tmp_path / "map.yaml").write_text("epic: epic-fantasy\n")
     out = tmp_path / "features" / "features.parquet"
     export_features([str(run)], str(out), taxonomy_map=str(tmp_path / "map.yaml"))

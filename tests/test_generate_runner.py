@@ -261,7 +261,7 @@ def test_a_recipe_split_override_picks_the_heldout_books_and_is_recorded(tiny_mo
     from recforge.splits import SplitRule, describe, is_eval
 
     items = write_items(tmp_path / "items.jsonl", 40)  # ids 1..40: goodbooks ids, with real shelf tags
-    path = recipe(tmp_path, tiny_model_dir, items, **{"input.split": "heldout", "sampling.max_tokens": 4})
+    path = recipe(tmp_path, tiny_model_dir, items, **{"input.split": "heldout", "input.split_entity": "book", "sampling.max_tokens": 4})
     rule = SplitRule(eval_percent={"book": 50})
     cfg = load_recipe(GenerateConfig, path, ["split.eval_percent.book=50"])
     assert cfg.split == rule

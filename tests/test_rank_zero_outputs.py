@@ -87,7 +87,8 @@ def jsonl_with_a_bad_line(src: Path, dst: Path, n: int | None = None) -> Path:
 def check_written_once(out: Path, writes: dict, manifest: dict) -> None:
     assert writes[1] == [], f"rank 1 wrote into the run folder: {writes[1][:5]}"
     replaced = [p for e, p in writes[0] if e == "os.rename"]
-    assert replaced.count(out.resolve() / "manifest.json") == 1  # the manifest is written once
+    # the manifest is written twice, by rank 0 only: "running" when the run starts writing, "complete" last
+    assert replaced.count(out.resolve() / "manifest.json") == 2
     assert replaced.count(out.resolve() / "resolved_config.yaml") == 1
     assert manifest["world_size"] == 2
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]  # no half-written leftovers
