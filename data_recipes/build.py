@@ -32,7 +32,7 @@ import polars as pl
 import yaml
 from pydantic import BaseModel, Field, ValidationError
 
-from recforge.config import RecforgeError, format_validation_error
+from recforge.config import RecforgeError, format_validation_error, load_yaml
 from recforge.data_recipes import builders as B
 from recforge.readers import (
     RejectLog,
@@ -371,7 +371,7 @@ def read_shard(spec: ShardSpec, folder: Path, recipe: dict) -> dict[str, Any]:
                             f"{manifest['shard']['count']}, not {spec.index}/{spec.count}; rerun this shard")
     config = folder / "resolved_config.yaml"
     try:
-        same = yaml.safe_load(config.read_text(encoding="utf-8")) == recipe
+        same = load_yaml(config.read_text(encoding="utf-8"), str(config)) == recipe
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise RecforgeError(f"{config}: unreadable ({type(err).__name__}); rerun this shard") from None
     if not same:

@@ -96,7 +96,10 @@ def load_model_and_tokenizer(cfg: CPTConfig):
         )
     from recforge.models import resolve_model
 
+    from recforge.models import check_model_folder
+
     path = resolve_model(m.path)  # an offline alias (smollm2, qwen2.5-0.5b) -> its converted folder
+    check_model_folder(path, "model.path", m.trust_remote_code)  # finished run, safetensors only, no folder code
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=m.revision, trust_remote_code=m.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from recforge.config import RecforgeError
+from recforge.config import RecforgeError, load_yaml
 from recforge.io import atomic_write_text
 from recforge.manifest import RunRecorder
 from recforge.runstate import LOCK_NAME, output_lock, read_manifest, require_complete
@@ -40,7 +40,7 @@ def read_run(run_dir: Path) -> tuple[dict, dict, Path]:
     manifest_path, config_path = run_dir / "manifest.json", run_dir / "resolved_config.yaml"
     if not manifest_path.is_file() or not config_path.is_file():
         raise RecforgeError(f"{run_dir}: manifest.json / resolved_config.yaml missing (the run did not finish)")
-    manifest, config = _mapping(manifest_path, json.loads), _mapping(config_path, yaml.safe_load)
+    manifest, config = _mapping(manifest_path, json.loads), _mapping(config_path, lambda text: load_yaml(text, str(config_path)))
     require_complete(run_dir, "run")  # a killed or still running cpt/sft: its model/ may be an early save or half-written
     model = config.get("model")
     # only the keys publish reads are checked: an older run's config may hold keys this version no longer has
@@ -76,7 +76,10 @@ def load_base(config: dict, dtype=None):
 
     from recforge.models import resolve_model
 
+    from recforge.models import check_model_folder
+
     m = config["model"]
+    check_model_folder(resolve_model(m["path"]), "model.path", m.get("trust_remote_code", False))
     return AutoModelForCausalLM.from_pretrained(
         resolve_model(m["path"]), revision=m.get("revision"), trust_remote_code=m.get("trust_remote_code", False),
         dtype=dtype or torch.float32, use_safetensors=True,

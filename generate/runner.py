@@ -45,7 +45,7 @@ from recforge.generate.generate_config import SPLIT_SIDES, GenerateConfig
 from recforge.generate.parsing import ParseError, parse_output
 from recforge.shards import ShardSpec
 from recforge.splits import DEFAULT_RULE, split_of, stable_hash
-from recforge.io import atomic_write_json, open_text, resolve_path, write_parquet_atomic
+from recforge.io import atomic_write_json, resolve_path, write_parquet_atomic
 
 NO_RETRY = ("prompt_too_long", "render_error")  # deterministic: another attempt gives the same
 # No completion was ever produced for these reasons, so a later retry starts again at attempt 0.

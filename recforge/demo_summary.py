@@ -21,12 +21,12 @@ def _load(path: Path) -> dict | None:
 
 def _model_of(run_dir: Path) -> str | None:
     """The model a run used, as its resolved config names it (the path, or the alias)."""
-    import yaml
+    from recforge.config import load_yaml
 
     cfg = run_dir / "resolved_config.yaml"
     if not cfg.is_file():
         return None
-    data = yaml.safe_load(cfg.read_text()) or {}
+    data = load_yaml(cfg.read_text(encoding="utf-8"), str(cfg)) or {}
     for keys in (("model", "path"), ("model", "name_or_path"), ("backbone", "path"), ("embedding", "model")):
         node: Any = data
         for k in keys:
