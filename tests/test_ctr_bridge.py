@@ -225,7 +225,11 @@ def test_export_features_writes_a_table_a_job_can_check(tmp_path, minilm_dir):
     cfg = ExportFeaturesRecipe(name="books", out_dir=str(tmp_path / "table"), text_template="{title} by {authors}",
                                source={"path": str(catalogue), "id": "book_id", "fields": {"title": "title", "authors": "authors"}})
     contract = run_export_features(cfg)
-    assert contract["rows"] == 2 and contract["dimension"] == 384 and contract["model"]["revision"].startswith("sha256:53aa5117")
+    from recforge.fingerprint import folder_digest
+
+    # the model is identified by the project's one content digest of its folder (every file, not one shard)
+    assert contract["rows"] == 2 and contract["dimension"] == 384
+    assert contract["model"]["revision"] == "folder-sha256:" + folder_digest(minilm_dir)
     ids, vecs, _ = load_feature_table(tmp_path / "table", FeatureExpectation(dimension=384, model=str(minilm_dir),
                                                                             normalized=True, entity="item"))
     direct = SentenceTransformer(str(minilm_dir), device="cpu").encode(["Dune by Frank Herbert", "Emma by Jane Austen"],

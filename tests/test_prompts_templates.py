@@ -19,6 +19,7 @@ TASKS = {
     "item_summary": {"title": "Dune", "description": "a desert planet"},
     "pseudo_queries": {"title": "Dune"},
     "shelf_tags": {"title": "Dune", "authors": ["Frank Herbert"], "year": 1965},
+    "audience_reception": {"domain": "books", "title": "Dune", "authors": ["Frank Herbert"]},
 }
 
 

@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from recforge.config import RecipeModel
 from recforge.data_recipes.readers import SourceConfig
-from recforge.splits import SplitRule
+from recforge.splits import KAR_MAX_PROMPT_ITEMS, SplitRule
 
 
 class CTRInputs(RecipeModel):
@@ -17,6 +17,10 @@ class CTRInputs(RecipeModel):
     users: SourceConfig | None = Field(default=None, description="optional user profiles (e.g. MovieLens demographics)")
     knowledge: str | None = Field(
         default=None, description="generate's features table (Parquet file or folder): knowledge text per item / user"
+    )
+    judgement: str | None = Field(
+        default=None, description="a `recforge generate` run of a choice-constrained judgement (e.g. audience_reception): "
+        "its outputs become the `item_judgement` input (the distribution over the choices)",
     )
     skip_if_missing: bool = Field(
         default=False, description="path-based datasets (MovieLens): skip with a clear reason when the files are absent"
@@ -28,9 +32,19 @@ class LabelConfig(RecipeModel):
 
 
 class GuardConfig(RecipeModel):
-    """KAR leakage guard: per user the first min((n+1)//2, max_prompt_items) events only feed text features."""
+    """KAR leakage guard: per user the first min((n+1)//2, max_prompt_items) events only feed text features.
 
-    max_prompt_items: int = 30
+    One setting for the whole project (`recforge.splits.KAR_MAX_PROMPT_ITEMS`): generate's prompts use the same
+    prefix, so a CTR recipe cannot move it without the knowledge it reads being built on another prefix."""
+
+    max_prompt_items: int = KAR_MAX_PROMPT_ITEMS
+
+    @model_validator(mode="after")
+    def _one_guard(self):
+        if self.max_prompt_items != KAR_MAX_PROMPT_ITEMS:
+            raise ValueError(f"guard.max_prompt_items={self.max_prompt_items}: the KAR guard is one setting shared with "
+                             f"generate (recforge.splits.KAR_MAX_PROMPT_ITEMS = {KAR_MAX_PROMPT_ITEMS})")
+        return self
 
 
 class TextConfig(RecipeModel):
@@ -119,6 +133,7 @@ class ModelConfig(RecipeModel):
     n_shared_experts: int = 2
     n_specific_experts: int = 2
     mlp_hidden: list[int] = Field(default_factory=lambda: [200, 80])
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="dropout after each hidden layer of the head")
     cross_layers: int = 2
     llm: LLMConfig = Field(default_factory=LLMConfig)
     larr: LARRConfig = Field(default_factory=LARRConfig)
@@ -135,6 +150,46 @@ class TrainConfig(RecipeModel):
     max_eval_samples: int | None = Field(default=None, description="validate / test on a fixed random subsample")
 
 
+class NewItemsConfig(RecipeModel):
+    """The new-item split: items held out by the project rule (`recforge.splits`, entity `item`,
+    `split.eval_percent.item`) are never a training or validation target; test samples are then reported
+    separately for warm targets and new targets."""
+
+    enabled: bool = False
+    history: Literal["keep", "remove"] = Field(
+        default="keep",
+        description="keep: a held-out item may still appear in training histories (how a new item enters logs); "
+        "remove (strict): held-out items are dropped from every history",
+    )
+
+
+class TuningConfig(RecipeModel):
+    """One fixed search budget, the same for every variant: `budget` settings drawn (seeded) from `space`,
+    the recipe's own setting first; each is trained once (seed `seed`) and scored on the validation users."""
+
+    budget: int = Field(default=1, ge=1, description="settings tried per variant (1: the recipe's setting only)")
+    seed: int = 0
+    space: dict[Literal["embed_dim", "dropout", "weight_decay", "lr"], list[float]] = Field(
+        default_factory=lambda: {"embed_dim": [16, 32, 64], "dropout": [0.0, 0.2, 0.5],
+                                 "weight_decay": [1e-5, 1e-4, 1e-3], "lr": [3e-4, 1e-3, 3e-3]}
+    )
+
+
+class FloorsConfig(RecipeModel):
+    """Baselines every report carries: logistic regression on the DIN's inputs, and item popularity."""
+
+    logistic: bool = True
+    popularity: bool = True
+    logistic_c: list[float] = Field(default_factory=lambda: [0.03, 0.1, 0.3, 1.0],
+                                    description="inverse regularisation strengths tried on the validation users")
+
+
+class BootstrapConfig(RecipeModel):
+    resamples: int = Field(default=1000, ge=10)
+    seed: int = 0
+    level: float = Field(default=0.95, gt=0, lt=1)
+
+
 class CTRRecipe(RecipeModel):
     name: str
     out_dir: str = "runs/ctr"
@@ -149,9 +204,17 @@ class CTRRecipe(RecipeModel):
     embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
-    # variant name -> dense inputs: item_text, user_text, item_knowledge, user_knowledge
-    variants: dict[str, list[Literal["item_text", "user_text", "item_knowledge", "user_knowledge"]]] = Field(
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    new_items: NewItemsConfig = Field(default_factory=NewItemsConfig)
+    tuning: TuningConfig = Field(default_factory=TuningConfig)
+    floors: FloorsConfig = Field(default_factory=FloorsConfig)
+    bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)
+    costs: dict[str, str] = Field(
+        default_factory=dict,
+        description="dense input -> the generate run folder that made its text (its manifest's time is the generation cost)",
+    )
+    # variant name -> dense inputs: item_text, user_text, item_knowledge, user_knowledge, item_judgement
+    variants: dict[str, list[Literal["item_text", "user_text", "item_knowledge", "user_knowledge", "item_judgement"]]] = Field(
         default_factory=lambda: {
             "ids_only": [],
             "item_text": ["item_text"],

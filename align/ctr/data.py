@@ -6,6 +6,11 @@ every later event is a sample whose label is `label >= positive_threshold` and w
 history is the user's preceding events. Users are split train/valid/test by the project's one split rule
 (`recforge.splits`): the test users are the rule's held-out users (`is_eval("user", id)`, the users
 data_recipes holds out), so a user's samples never straddle train and test.
+
+The new-item split (`new_items.enabled`) also holds items out by the same rule (`is_eval("item", id)`): a
+held-out item is never a training or validation target, and test samples are reported separately for warm
+and new targets. `new_items.history` says whether a held-out item may still appear inside training / validation
+histories (`keep`, how a new item enters logs) or is dropped from them (`remove`, strict).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import numpy as np
 import polars as pl
 
 from recforge.records import Item
-from recforge.splits import DEFAULT_RULE, SplitRule, bucket, describe, percent
+from recforge.splits import DEFAULT_RULE, KAR_MAX_PROMPT_ITEMS, SplitRule, bucket, describe, is_eval, kar_prefix_length, percent
 
 
 def assign_user_splits(user_ids: list[str], rule: SplitRule = DEFAULT_RULE, valid_percent: int = 10) -> dict[str, str]:
@@ -39,15 +44,17 @@ def describe_user_split(rule: SplitRule, valid_percent: int) -> dict[str, str]:
             "train": "the other users"}
 
 
-def apply_leakage_guard(events: pl.DataFrame, max_prompt_items: int) -> pl.DataFrame:
-    """Order each user's events and mark the prompt-only prefix (`is_prompt`) and positions (`pos`, `n`)."""
-    ordered = events.sort(["user_id", "timestamp", "line"], nulls_last=True)
-    return ordered.with_columns(
+def apply_leakage_guard(events: pl.DataFrame, max_prompt_items: int = KAR_MAX_PROMPT_ITEMS) -> pl.DataFrame:
+    """Order each user's events and mark the prompt-only prefix (`is_prompt`) and positions (`pos`, `n`).
+
+    The prefix is `recforge.splits.kar_prefix_length`, the rule generate's prompts use too."""
+    ordered = events.sort(["user_id", "timestamp", "line"], nulls_last=True).with_columns(
         pos=pl.int_range(pl.len()).over("user_id"),
         n=pl.len().over("user_id"),
-    ).with_columns(
-        is_prompt=pl.col("pos") < pl.min_horizontal((pl.col("n") + 1) // 2, pl.lit(max_prompt_items)),
     )
+    lengths = {n: kar_prefix_length(n, max_prompt_items) for n in ordered["n"].unique().to_list()}
+    prefix = ordered["n"].replace_strict(lengths, return_dtype=pl.Int64) if lengths else pl.Series([], dtype=pl.Int64)
+    return ordered.with_columns(is_prompt=pl.col("pos") < prefix)
 
 
 @dataclass
@@ -75,6 +82,13 @@ class CTRData:
     splits: dict[str, SampleArrays]
     prompt_events: pl.DataFrame  # the guarded prefix of each user: text features only
     stats: dict[str, Any] = field(default_factory=dict)
+    held_out_items: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # item indices (new-item split)
+
+    def test_groups(self) -> dict[str, np.ndarray]:
+        """Row indices of the test split: `warm` (target seen as a training target) and `new` (held-out target)."""
+        test = self.splits["test"]
+        new = np.isin(test.target, self.held_out_items)
+        return {"warm": np.flatnonzero(~new), "new": np.flatnonzero(new)}
 
     @property
     def item_index(self) -> dict[str, int]:
@@ -90,8 +104,13 @@ def build_ctr_data(
     history_length: int,
     rule: SplitRule = DEFAULT_RULE,
     valid_percent: int = 10,
+    new_items: bool = False,
+    new_item_history: str = "keep",
 ) -> CTRData:
-    """Events (readers' interaction frame, `label` = rating) -> guarded, split sample arrays."""
+    """Events (readers' interaction frame, `label` = rating) -> guarded, split sample arrays.
+
+    `new_items`: items the rule holds out (`is_eval("item", id, rule)`) are dropped as train / valid targets;
+    `new_item_history="remove"` also drops them from train / valid histories (strict)."""
     stats: dict[str, Any] = {"events": events.height}
     no_label = events.filter(pl.col("label").is_null() | pl.col("item_id").is_null())
     stats["events_without_label_or_item"] = no_label.height  # cannot be samples; reported, not dropped unseen
@@ -114,16 +133,20 @@ def build_ctr_data(
 
     # History of the event at global row r: rows r-L .. r-1 of the same user (rows are user-contiguous).
     rows = np.flatnonzero(~is_prompt)
-    offsets = rows[:, None] - history_length + np.arange(history_length)[None, :]
-    valid = (offsets >= (rows - pos[rows])[:, None])
-    safe = np.where(valid, offsets, 0)
-    history = np.where(valid, item_idx[safe], 0)
-    history_rating = np.where(valid, ratings[safe], 0)
+    history, history_rating = _histories(rows, pos, item_idx, ratings, history_length, np.ones(len(item_idx), bool))
 
+    held_items = np.array(sorted(index[i] for i in item_ids if is_eval("item", i, rule)), dtype=np.int64) if new_items \
+        else np.zeros(0, np.int64)
     user_split = assign_user_splits(sorted(set(users[rows])), rule, valid_percent)
     split_of_row = np.array([user_split[u] for u in users[rows]], dtype=object)
+    if new_items and new_item_history == "remove":  # strict: held-out items leave train / valid histories
+        fit_rows = split_of_row != "test"
+        strict_h, strict_r = _histories(rows[fit_rows], pos, item_idx, ratings, history_length, ~np.isin(item_idx, held_items))
+        history[fit_rows], history_rating[fit_rows] = strict_h, strict_r
     all_samples = SampleArrays(users[rows], item_idx[rows], history, history_rating, labels[rows], times[rows])
-    splits = {name: all_samples.take(np.flatnonzero(split_of_row == name)) for name in ("train", "valid", "test")}
+    new_target = np.isin(item_idx[rows], held_items)
+    splits = {name: all_samples.take(np.flatnonzero((split_of_row == name) & ((name == "test") | ~new_target)))
+              for name in ("train", "valid", "test")}
 
     stats.update({
         "users": int(guarded["user_id"].n_unique()),
@@ -133,7 +156,28 @@ def build_ctr_data(
         "users_per_split": {k: int(len(set(v.user_ids))) for k, v in splits.items()},
         "user_split": describe_user_split(rule, valid_percent),
     })
-    return CTRData(item_ids, splits, guarded.filter(pl.col("is_prompt")), stats)
+    if new_items:
+        test_new = np.isin(splits["test"].target, held_items)
+        stats["new_items"] = {
+            "rule": describe("item", rule), "history": new_item_history, "held_out_items": int(len(held_items)),
+            "held_out_items_with_test_samples": int(len(np.unique(splits["test"].target[test_new]))),
+            "dropped_train_valid_samples": int(((split_of_row != "test") & new_target).sum()),
+            "test_samples": {"warm": int((~test_new).sum()), "new": int(test_new.sum())},
+        }
+    return CTRData(item_ids, splits, guarded.filter(pl.col("is_prompt")), stats, held_items)
+
+
+def _histories(rows: np.ndarray, pos: np.ndarray, item_idx: np.ndarray, ratings: np.ndarray, length: int,
+               usable: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(B, L) item / rating history of each sample row: the last `length` usable events of the same user before
+    it, most recent last, 0-padded on the left (rows are user-contiguous and time-ordered)."""
+    kept = np.flatnonzero(usable)
+    before = np.searchsorted(kept, rows)  # usable rows before r (all users)
+    first = np.searchsorted(kept, rows - pos[rows])  # the user's first usable row, as a position in `kept`
+    offsets = before[:, None] - length + np.arange(length)[None, :]
+    valid = offsets >= first[:, None]
+    safe = kept[np.where(valid, offsets, 0)] if len(kept) else np.zeros(offsets.shape, np.int64)
+    return np.where(valid, item_idx[safe], 0), np.where(valid, ratings[safe], 0)
 
 
 def subsample(split: SampleArrays, n: int | None, seed: int) -> SampleArrays:

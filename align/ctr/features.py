@@ -26,7 +26,7 @@ import numpy as np
 
 from recforge import __version__
 from recforge.config import RecforgeError
-from recforge.io import atomic_write_json, resolve_path, sha256_file, write_parquet_atomic
+from recforge.io import atomic_write_json, resolve_path, write_parquet_atomic
 
 CONTRACT_FILE = "contract.json"
 VECTORS_FILE = "vectors.parquet"
@@ -37,17 +37,17 @@ class FeatureContractError(RecforgeError):
 
 
 def model_revision(name_or_path: str) -> str:
-    """A revision for the embedding model: sha256 of its local weights, else the name as given.
+    """A revision for the embedding model: the project's one content digest of its folder
+    (`recforge.fingerprint.folder_digest`: every weights shard, config and tokenizer file), else the name as given.
 
-    For a hub id resolved through a local cache this is the weights' hash too, so two runs agree on
-    the revision exactly when they used the same weights.
+    Two runs agree on the revision exactly when they used the same model files; a second weights shard or a
+    changed tokenizer is a different model (the first shard alone was not enough to tell).
     """
+    from recforge.fingerprint import folder_digest
+
     path = resolve_path(name_or_path)
     if path.is_dir():
-        for pattern in ("model.safetensors", "*.safetensors", "**/model.safetensors"):
-            found = sorted(path.glob(pattern))
-            if found:
-                return "sha256:" + sha256_file(found[0])
+        return "folder-sha256:" + folder_digest(path)
     return f"name:{name_or_path}"
 
 

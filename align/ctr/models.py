@@ -14,12 +14,14 @@ from torch import nn
 from recforge.align.ctr.config import ModelConfig
 
 
-def mlp(sizes: list[int], final_activation: bool = True) -> nn.Sequential:
+def mlp(sizes: list[int], final_activation: bool = True, dropout: float = 0.0) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b))
         if final_activation or i < len(sizes) - 2:
             layers.append(nn.ReLU())
+            if dropout:
+                layers.append(nn.Dropout(dropout))
     return nn.Sequential(*layers)
 
 
@@ -28,13 +30,14 @@ class KARAdaptor(nn.Module):
 
     Each dense input j gets `sum_e gate_j(x_j)[e] * expert_e(x_j)` over the shared experts and its own
     experts; an expert is an MLP dim -> hidden -> out. Output: one `out_dim` vector per input.
+    Inputs of different sizes (a 384-d text vector beside a 7-d judgement) reach the shared experts through a
+    linear map to the largest size; inputs of one size go to them as they are (KAR's setting).
     """
 
     def __init__(self, input_dims: list[int], hidden: int, out_dim: int, n_shared: int, n_specific: int):
         super().__init__()
-        if len(set(input_dims)) > 1 and n_shared:
-            raise ValueError(f"shared experts need inputs of one dimension, got {input_dims}")
-        dim = input_dims[0] if input_dims else 0
+        dim = max(input_dims) if input_dims else 0
+        self.to_shared = nn.ModuleList(nn.Identity() if d == dim else nn.Linear(d, dim) for d in input_dims)
         self.shared = nn.ModuleList(mlp([dim, hidden, out_dim]) for _ in range(n_shared))
         self.specific = nn.ModuleList(
             nn.ModuleList(mlp([d, hidden, out_dim]) for _ in range(n_specific)) for d in input_dims
@@ -43,8 +46,9 @@ class KARAdaptor(nn.Module):
 
     def forward(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         outs = []
-        for x, own, gate in zip(inputs, self.specific, self.gates):
-            experts = torch.stack([e(x) for e in list(self.shared) + list(own)], dim=1)  # (B, E, out)
+        for x, own, gate, proj in zip(inputs, self.specific, self.gates, self.to_shared):
+            shared_x = proj(x)
+            experts = torch.stack([e(shared_x) for e in self.shared] + [e(x) for e in own], dim=1)  # (B, E, out)
             weights = torch.softmax(gate(x), dim=-1).unsqueeze(-1)  # (B, E, 1)
             outs.append((weights * experts).sum(dim=1))
         return outs
@@ -99,10 +103,10 @@ class CTRModel(nn.Module):
         width = 2 * d + len(dense_dims) * cfg.adaptor_dim
         if self.backbone == "din":
             self.attention = TargetAttention(d)
-            self.head = nn.Sequential(mlp([width, *cfg.mlp_hidden]), nn.Linear(cfg.mlp_hidden[-1], 1))
+            self.head = nn.Sequential(mlp([width, *cfg.mlp_hidden], dropout=cfg.dropout), nn.Linear(cfg.mlp_hidden[-1], 1))
         else:  # DCN-v2: full-rank cross layers next to a deep tower
             self.cross = nn.ModuleList(nn.Linear(width, width) for _ in range(cfg.cross_layers))
-            self.deep = mlp([width, *cfg.mlp_hidden])
+            self.deep = mlp([width, *cfg.mlp_hidden], dropout=cfg.dropout)
             self.head = nn.Linear(width + cfg.mlp_hidden[-1], 1)
 
     def forward(self, target, history, history_rating, dense: list[torch.Tensor]) -> torch.Tensor:

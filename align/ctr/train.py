@@ -73,8 +73,11 @@ def train_ctr_model(
     train_cfg: TrainConfig,
     adaptor: str | None,
     seed: int,
+    keep_probs: bool = False,
 ) -> tuple[CTRModel, dict]:
-    """`train_ctr`, also returning the trained model (LARR aligns to an IDs-only model's collaborative vectors)."""
+    """`train_ctr`, also returning the trained model (LARR aligns to an IDs-only model's collaborative vectors).
+
+    `keep_probs`: the result also holds `test_probs` (the verdict's paired bootstrap needs them; not JSON)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     if train_cfg.num_threads:
@@ -91,8 +94,12 @@ def train_ctr_model(
 
     fitted = fit(model, optim, len(splits["train"]), batch_loss,
                  lambda: predict(model, splits["valid"], dense, mats, 8192), splits["valid"].label, train_cfg, rng)
-    test = metrics(splits["test"].label, predict(model, splits["test"], dense, mats, 8192))
-    return model, {"seed": seed, "adaptor": adaptor, "dense_inputs": [d.name for d in dense], **fitted.result(test)}
+    probs = predict(model, splits["test"], dense, mats, 8192)
+    test = metrics(splits["test"].label, probs)
+    result = {"seed": seed, "adaptor": adaptor, "dense_inputs": [d.name for d in dense], **fitted.result(test)}
+    if keep_probs:
+        result["test_probs"] = probs
+    return model, result
 
 
 @dataclass
