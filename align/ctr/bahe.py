@@ -61,6 +61,9 @@ def load_backbone(path: str | Path, dtype: str = "float32"):
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from recforge.models import check_model_folder
+
+    check_model_folder(path, "backbone")  # a finished run, safetensors only, no code from the folder
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "lm_head.weight UNEXPECTED" load report is expected: no head is needed
     hf_logging.disable_progress_bar()

@@ -11,8 +11,11 @@ def _eval_ctr(args: argparse.Namespace) -> int:
     from recforge.align.ctr.config import CTRRecipe
     from recforge.align.ctr.run import run_ctr
     from recforge.config import load_recipe
+    from recforge.runstate import output_lock
 
-    run_ctr(load_recipe(CTRRecipe, args.recipe, args.overrides))
+    cfg = load_recipe(CTRRecipe, args.recipe, args.overrides)
+    with output_lock(cfg.out_dir, "eval ctr"):  # one writer per out_dir, from the first check to the last write
+        run_ctr(cfg)
     return 0
 
 
@@ -20,8 +23,11 @@ def _export_features(args: argparse.Namespace) -> int:
     from recforge.align.ctr.config import ExportFeaturesRecipe
     from recforge.align.ctr.run import run_export_features
     from recforge.config import load_recipe
+    from recforge.runstate import output_lock
 
-    run_export_features(load_recipe(ExportFeaturesRecipe, args.recipe, args.overrides))
+    cfg = load_recipe(ExportFeaturesRecipe, args.recipe, args.overrides)
+    with output_lock(cfg.out_dir, "export-features"):
+        run_export_features(cfg)
     return 0
 
 

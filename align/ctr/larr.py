@@ -171,6 +171,10 @@ class SceneEncoder:
         if (self.path / "modules.json").is_file():
             from sentence_transformers import SentenceTransformer
 
+            from recforge.models import check_model_folder
+
+            check_model_folder(self.path, "scene encoder")  # load_backbone checks the plain-transformers case
+
             self.st = SentenceTransformer(str(self.path), device="cpu")
             self.st.max_seq_length = cfg.max_tokens
             self.dim, self.pooling, self.layers = self.st.get_embedding_dimension(), "sentence-transformers", None

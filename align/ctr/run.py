@@ -28,11 +28,12 @@ from recforge.manifest import RunRecorder
 
 
 def embedding_model_path(cfg: EmbeddingConfig) -> str:
-    if cfg.model == "minilm":
-        from recforge.models import minilm_path
+    """The encoder folder, after the check every model load goes through (`recforge.models.check_model_folder`)."""
+    from recforge.models import check_model_folder, minilm_path
 
-        return str(minilm_path())
-    return cfg.model
+    path = str(minilm_path()) if cfg.model == "minilm" else cfg.model
+    check_model_folder(path, "embedding.model")
+    return path
 
 
 class TextEncoder:
