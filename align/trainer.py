@@ -193,11 +193,16 @@ def probe_texts(task, n: int = 12) -> list[str]:
 
 
 def run_align(cfg: AlignConfig) -> dict:
+    import os
+    import time
+
     import torch
     from transformers import set_seed
 
     from .pooling import build_embedding_model, resolve_backbone_path
 
+    t_start = time.perf_counter()
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     out_dir = Path(cfg.out_dir)
     run = RunRecorder(out_dir, "align", cfg, cfg.seed)
     set_seed(cfg.seed)
@@ -224,9 +229,14 @@ def run_align(cfg: AlignConfig) -> dict:
     if cfg.eval.compare_base and main:
         results["base"] = evaluate_model(model, data.task, cfg.eval.k_values, cfg.eval.batch_size)
         log.info("base: %s", results["base"])
+    t_base = time.perf_counter()
     if cfg.backbone.lora:
         wrap_lora(model, cfg)
+    if cfg.data.extra_pairs and not cfg.loss.use_pair_weights and any(e.weight != 1.0 for e in cfg.data.extra_pairs):
+        log.warning("data.extra_pairs has weights but loss.use_pair_weights is false: the weights are ignored")
     summary = train_model(model, data.train_pairs, cfg, out_dir, info, device)
+    t_train = time.perf_counter()
+    summary["train_seconds"] = round(t_train - t_base, 1)
     if not main:
         return from_main(None)  # wait for rank 0's export, evaluation and files; return its result
     # with train.bf16 the Trainer's accelerate left model.forward wrapped in bf16 autocast; the export check
@@ -252,14 +262,18 @@ def run_align(cfg: AlignConfig) -> dict:
 
     tuned = SentenceTransformer(str(export_dir), device=device)
     results["tuned"] = evaluate_model(tuned, data.task, cfg.eval.k_values, cfg.eval.batch_size)
+    timing = {"total_seconds": round(time.perf_counter() - t_start, 1), "train_seconds": summary["train_seconds"],
+              "base_eval_and_setup_seconds": round(t_base - t_start, 1), "torch_threads": torch.get_num_threads(),
+              "load_avg_start": load_start, "load_avg_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     report = write_report(results, out_dir / "eval", f"{data.task.name}: base vs tuned ({info['kind']}, {info['pooling']})",
-                          {"seed": cfg.seed, "backbone": info, "train": summary})
+                          {"seed": cfg.seed, "backbone": info, "train": summary, "timing": timing,
+                           "data_notes": {k: v for k, v in data.notes.items() if k != "leakage"}})
     atomic_write_text(export_dir / "README.md", model_card(contract, {"table": report["table"]}))
 
     run.add_output("model", export_dir, embedding_dim=contract["dimension"])
     run.add_output("retrieval_metrics", report["json"])
     run.extra.update({"backbone": info, "train": summary, "export_check": export_check, "metrics": results,
-                      "data_notes": data.notes})
+                      "data_notes": data.notes, "timing": timing})
     run.finish()
     return from_main({"metrics": results, "table": report["table"], "export_dir": str(export_dir),
                       "export_check": export_check, "train": summary, "report": report})

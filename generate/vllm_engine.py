@@ -78,6 +78,21 @@ def adapter_tokenizer(model: str, adapter: str | None) -> str | None:
     return adapter
 
 
+# JSON-schema keys vLLM's grammar backend refuses ("Unimplemented keys", every row an engine error). They are
+# dropped from what constrains decoding only: the runner still validates every completion against the full schema
+# (`recforge.generate.parsing`), so a duplicate list item is still a schema_violation, retried like any other.
+VLLM_UNSUPPORTED_SCHEMA_KEYS = ("uniqueItems",)
+
+
+def vllm_json_schema(schema):
+    """The schema without the keys vLLM cannot compile, at any depth."""
+    if isinstance(schema, dict):
+        return {k: vllm_json_schema(v) for k, v in schema.items() if k not in VLLM_UNSUPPORTED_SCHEMA_KEYS}
+    if isinstance(schema, list):
+        return [vllm_json_schema(v) for v in schema]
+    return schema
+
+
 class VLLMEngine:
     name = "vllm"
 
@@ -165,7 +180,7 @@ class VLLMEngine:
             raise RecforgeError(f"vLLM {self.version}: StructuredOutputsParams has no {constraint.kind!r} constraint")
         value = constraint.value
         if constraint.kind == "json":
-            value = json.dumps(value)
+            value = json.dumps(vllm_json_schema(value))
         elif constraint.kind == "choice":
             value = list(value)
         kwargs = {constraint.kind: value}

@@ -159,3 +159,16 @@ def test_vllm_prefix_cache_serves_a_shared_instruction(engine_cache, model):
     assert shared_blocks >= 1
     # Only whole blocks of the shared prefix are reused (the last, partly shared block is recomputed).
     assert [r.cached_tokens for r in results] == [shared_blocks * block] * 3
+
+
+def test_vllm_grammar_gets_the_schema_without_keys_it_cannot_compile():
+    """vLLM refuses `uniqueItems` (every row an engine error); the shipped pseudo-queries schema keeps it for
+    validation, and only the grammar handed to vLLM drops it."""
+    from recforge.generate.vllm_engine import vllm_json_schema
+    from recforge.prompts import load_prompt
+
+    schema = load_prompt("pseudo_queries").output_for({"k": 3}).json_schema
+    assert "uniqueItems" in json.dumps(schema)
+    grammar = vllm_json_schema(schema)
+    assert "uniqueItems" not in json.dumps(grammar)
+    assert grammar["properties"]["queries"]["items"] == schema["properties"]["queries"]["items"]

@@ -37,12 +37,12 @@ def judgement_choices(run_dir: Path) -> list[str]:
 
 def judgement_table(path: str) -> tuple[list[str], np.ndarray, dict]:
     """(item ids, (n, len(choices) + 2) float32 vectors, info) of a generate run folder."""
-    from recforge.generate.runner import read_generations
+    from recforge.generate.postprocess import read_run_outputs  # refuses an unfinished run in one line
 
     run_dir = resolve_path(path)
     choices = judgement_choices(run_dir)
     position = {c: i for i, c in enumerate(choices)}
-    rows = read_generations(run_dir).to_pylist()
+    rows = read_run_outputs(run_dir).to_pylist()
     ids, vectors, answers = [], [], 0
     scale = max(1, len(choices) - 1)
     for row in rows:
