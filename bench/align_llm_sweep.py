@@ -132,3 +132,27 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def sweep_markdown(report: dict) -> str:
+    """The sweep as the docs show it (docs/results/align.md includes this file)."""
+    lines = ["## SmolLM2 as an embedding model: the sweep (validation queries carved from the training queries)", "",
+             f"Selection: {report['selection']}.", "",
+             "| point | overrides | validation NDCG@10 untuned | trained | recall@50 trained | wall s | threads | load avg |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name, p in report["points"].items():
+        t = p.get("tuned") or {}
+        lines.append(f"| {name} | `{' '.join(p['overrides'])}` | {p['base']['ndcg@10']:.3f} | {t.get('ndcg@10', float('nan')):.3f} | "
+                     f"{t.get('recall@50', float('nan')):.3f} | {p['wall_seconds']:.0f} | {p['threads']} | "
+                     f"{p['load_avg_start']:.1f}–{p['load_avg_end']:.1f} |")
+    w = report["chosen"]
+    lines += ["", f"Shipped: **{w['name']}** ({w['shipped_as']}). {w['why']}.", "",
+              f"Held-out numbers after the selection: {w['heldout_after_selection']}.", "",
+              "Not run: " + ", ".join(n for k, v in report["grid_not_run"].items() if k != "why" for n in v)
+              + f" ({report['grid_not_run']['why']})", ""]
+    return "\n".join(lines)
+
+
+def write_sweep_markdown(json_path: str = "bench/results/align_llm_sweep.json") -> None:
+    path = Path(json_path)
+    path.with_suffix(".md").write_text(sweep_markdown(json.loads(path.read_text())))
