@@ -348,8 +348,11 @@ def test_yaml_alias_bomb_fails_fast_in_one_line_with_little_memory(case, tmp_pat
 
     args, needle = bomb_argv(case, tmp_path)
     rss_file = tmp_path / "maxrss"
-    wrapper = ("import resource, sys\nfrom recforge.cli import main\ntry:\n    rc = main(sys.argv[2:])\nfinally:\n"
-               "    open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))\nsys.exit(rc)\n")
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over fork + exec, so the child would report
+    # the pytest process's own peak (about 2 GB late in a full run)
+    wrapper = ("import re, sys\nfrom recforge.cli import main\ntry:\n    rc = main(sys.argv[2:])\nfinally:\n"
+               "    hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)\n"
+               "    open(sys.argv[1], 'w').write(hwm)\nsys.exit(rc)\n")
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-c", wrapper, str(rss_file), *args], capture_output=True, text=True,
                           timeout=120, env={**os.environ, "RECFORGE_CACHE": str(tmp_path / "cache")}, cwd=tmp_path)

@@ -59,7 +59,9 @@ def test_lora_cpt_step_on_smollm2_by_alias(smollm2_dir, tmp_path, monkeypatch):
     assert main(["cpt", str(tmp_path / "r.yaml")]) == 0
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     before, after = manifest["eval_before"]["esci"]["perplexity"], manifest["eval_after"]["esci"]["perplexity"]
-    assert before < 200  # a pretrained LM already reads product text (the tiny random model: thousands)
+    # a pretrained LM already reads product text (the tiny random model: thousands); held-out rows since the
+    # eval source defaults to split: eval (about 206 on the first 4 of them)
+    assert before < 500
     assert after < before
     adapter = json.loads((tmp_path / "run" / "model" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(smollm2_dir)
