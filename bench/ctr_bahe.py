@@ -44,7 +44,7 @@ from peak_memory import reset_hwm, status_bytes  # bench/peak_memory.py (scripts
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 RECIPES = {"movielens": REPO / "align/recipes/ctr_ml100k_bahe.yaml", "goodbooks": REPO / "align/recipes/ctr_goodbooks_bahe.yaml"}
-MINILM_REPORTS = {"movielens": RESULTS / "ctr_ml100k.json", "goodbooks": RESULTS / "ctr_goodbooks.json"}
+MINILM_REPORTS = {"movielens": REPO / "runs/results/movielens/ctr_ml100k.json", "goodbooks": RESULTS / "ctr_goodbooks.json"}
 
 
 # ------------------------------------------------------------------------------------------- child

@@ -21,6 +21,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
+sys.path.insert(0, str(REPO / "bench"))
+from results_dir import results_dir  # noqa: E402
 RECIPES = {"movielens": REPO / "align/recipes/ctr_ml100k_larr.yaml", "goodbooks": REPO / "align/recipes/ctr_goodbooks_larr.yaml"}
 
 
@@ -63,7 +65,8 @@ def main() -> int:
         report["bench"] = {"load_average_before": load_before, "load_average_after": os.getloadavg(),
                            "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                            "wall_seconds": round(time.time() - started, 1), "quick": args.quick, "overrides": overrides + list(args.set)}
-        results = REPO / "runs" / "bench" / "results" if args.quick else RESULTS  # a smoke run is not a measurement
+        # a smoke run is not a measurement; MovieLens results stay under runs/ (never committed)
+        results = REPO / "runs" / "bench" / "results" if args.quick else results_dir(dataset)
         stem = results / f"ctr_larr_{dataset}{suffix}"
         results.mkdir(parents=True, exist_ok=True)
         stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")

@@ -18,6 +18,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from results_dir import results_dir  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results"
 DATASETS = {"goodbooks": "align/recipes/ctr_goodbooks_verdict.yaml", "movielens": "align/recipes/ctr_ml100k_verdict.yaml"}
 GEN_STEPS = {"goodbooks": {"item_judgement": "gb_reception", "item_knowledge": "gb_knowledge"},
@@ -107,9 +110,10 @@ def collect(dataset: str, runs: Path, gen_times: Path | None) -> bool:
         md += "\nGeneration (measured): " + "; ".join(
             f"{k}: {v['wall_seconds']:.0f} s wall, {v['cpu_hours']:.3f} CPU-h, load {v['load_average_1min_start']}→{v['load_average_1min_end']}"
             for k, v in measured.items()) + "\n"
-    (RESULTS / f"ctr_verdict_{dataset}.json").write_text(json.dumps(verdict, indent=2) + "\n", encoding="utf-8")
-    (RESULTS / f"ctr_verdict_{dataset}.md").write_text(md, encoding="utf-8")
-    shutil.copyfile(src / "verdict.png", RESULTS / f"ctr_verdict_{dataset}.png")
+    out = results_dir(dataset)  # MovieLens results stay under runs/ (never committed)
+    (out / f"ctr_verdict_{dataset}.json").write_text(json.dumps(verdict, indent=2) + "\n", encoding="utf-8")
+    (out / f"ctr_verdict_{dataset}.md").write_text(md, encoding="utf-8")
+    shutil.copyfile(src / "verdict.png", out / f"ctr_verdict_{dataset}.png")
     print(md)
     return True
 

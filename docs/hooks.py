@@ -84,6 +84,9 @@ def on_page_markdown(markdown, page, config, files):
         if root not in path.parents:
             raise PluginError(f"{where}: include '{rel}' is outside the repository")
         if not path.is_file():
+            if optional and rel.startswith("runs/results/movielens/"):
+                return (f"*MovieLens-100K results are never committed: this table is `{rel}`, written where the "
+                        "benchmark ran on a local copy of the data (`MOVIELENS=/path`).*")
             if optional:
                 return f"*Not measured yet: `{rel}` is not in this checkout.*"
             raise PluginError(f"{where}: included file '{rel}' does not exist")
