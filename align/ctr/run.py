@@ -136,6 +136,11 @@ def build_dense_inputs(cfg: CTRRecipe, data, items, profiles, run: RunRecorder, 
             history_item_template=cfg.text.history_item_template, max_history_items=cfg.text.max_history_items,
             profiles=profiles, profile_template=cfg.text.profile_template))
     skipped: dict[str, str] = {}
+    if "item_llm_embedding" in needed:  # the same item text, encoded by the aligned LLM embedder (`recforge align`'s export)
+        if cfg.llm_embedding is not None and resolve_path(cfg.llm_embedding.model).exists():
+            texts["item_llm_embedding"] = ("item", item_texts(items, cfg.text.item_template))
+        else:
+            skipped["item_llm_embedding"] = "no aligned LLM embedder (llm_embedding.model unset or absent): run `recforge align` first"
     if needed & {"item_knowledge", "user_knowledge"}:
         path = cfg.inputs.knowledge
         if path and resolve_path(path).exists():
@@ -166,11 +171,15 @@ def build_dense_inputs(cfg: CTRRecipe, data, items, profiles, run: RunRecorder, 
                 encode_cost["item_judgement"] = {"encode_wall_seconds": 0.0, "encode_cpu_seconds": 0.0}
         else:
             skipped["item_judgement"] = "no judgement run (inputs.judgement unset or absent): run `recforge generate` first"
-    encoder = TextEncoder(cfg.embedding) if any(texts.values()) else None  # IDs-only / judgement-only runs load no encoder
+    encoders: dict[str, TextEncoder] = {}  # loaded once each, only where a variant needs them
     for name, (entity, by_id) in texts.items():
         if not by_id:
             skipped[name] = f"the {name} table is empty"
             continue
+        which = "llm_embedding" if name == "item_llm_embedding" else "embedding"
+        if which not in encoders:
+            encoders[which] = TextEncoder(getattr(cfg, which))
+        encoder = encoders[which]
         table_dir = out / "features" / name
         written = encoder.write_table(table_dir, name, entity, by_id, source_hashes)
         encode_cost[name] = {k: written.get(k) for k in ("encode_wall_seconds", "encode_cpu_seconds")}
@@ -465,7 +474,7 @@ def _store_training(cache_dir: Path | None, key: str, result: dict) -> None:
     atomic_write_json(cache_dir / f"{key}.json", {k: v for k, v in result.items() if k != "test_probs"})
 
 
-LLM_INPUTS = {"item_knowledge", "user_knowledge", "item_judgement"}
+LLM_INPUTS = {"item_knowledge", "user_knowledge", "item_judgement", "item_llm_embedding"}
 
 
 def _cached_floor(cache_dir: Path | None, data_key: str, c_grid: list[float], fit) -> dict:
@@ -511,6 +520,9 @@ def build_verdict(cfg: CTRRecipe, data, results: list[dict], probs: dict, featur
         parent = resolve_path(cfg.inputs.knowledge)
         parent = parent.parent if parent.name == "features" or parent.suffix == ".parquet" else parent
         gen_sources["item_knowledge"] = str(parent)
+    if cfg.llm_embedding is not None and "item_llm_embedding" not in gen_sources:  # the aligned embedder's training run
+        folder = resolve_path(cfg.llm_embedding.model)
+        gen_sources["item_llm_embedding"] = str(folder.parent if folder.name == "model" else folder)
     gen_cost = {name: generation_cost(path) for name, path in gen_sources.items()}
     encode_cost = feature_report.get("encode_cost", {})
     adaptors = sorted({r["adaptor"] for r in results if r["adaptor"]})

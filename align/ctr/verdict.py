@@ -48,7 +48,7 @@ class Stopwatch:
 
 
 def generation_cost(run_dir: str) -> dict[str, Any]:
-    """What a `recforge generate` run cost, from its manifest (`elapsed_s`, wall seconds of its last invocation) and
+    """What a `recforge generate` (or `align`) run cost, from its manifest (`elapsed_s`, wall seconds of its last invocation) and
     resolved config (model, engine, threads). CPU-hours = wall x engine.cpu_threads: an upper bound, since the engine
     may run in its own process where this one cannot measure it."""
     import yaml
