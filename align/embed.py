@@ -12,6 +12,9 @@
 - `compute_dtype: bfloat16`: the encoder's arithmetic (bf16 weights: AMX on CPU, tensor cores on GPU); vectors
   are stored as above.
 - A faiss inner-product index (`index.faiss` + `index_ids.json`) for nearest-neighbour lookups.
+- Three steps, one plan and one part layout: plan (`start_embed`), encode parts (`encode_parts`), check + index
+  (`finish_embed`). `recforge embed --ray --shards N` runs the middle step as N Ray tasks, shard i encoding the
+  parts s with s % N == i (`recforge.align.embed_ray`); one process is that with N = 1.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import hashlib
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -198,8 +203,97 @@ def model_digest(path: str) -> str:
 
 
 REJECTS, PLAN = "rejects.jsonl", "plan.json"
+# Where `recforge embed --ray` keeps each shard's progress.json (recforge.align.embed_ray).
+PROGRESS_DIR = "progress"
 # What an earlier run left in out_dir that `overwrite` discards (the lock, the manifest and the config are rewritten).
-PREVIOUS_OUTPUTS = (PLAN, "shards", "index.faiss", "index_ids.json", REJECTS)
+PREVIOUS_OUTPUTS = (PLAN, "shards", "index.faiss", "index_ids.json", REJECTS, PROGRESS_DIR, "progress.json")
+
+
+@dataclass
+class EmbedWork:
+    """What the plan fixes - the items in encoding order, the batches and the part boundaries - and the encoder.
+
+    Derived from the catalogue and the model alone, so the driver of a Ray job and each of its shard workers
+    derive the very same work; `plan` is what `plan.json` records of it (and what a worker checks it against)."""
+
+    ids: list[str]  # catalogue order: what the coverage check compares the parts with
+    sorted_ids: list[str]
+    sorted_texts: list[str]
+    batches: list[tuple[int, int]]
+    parts: list[tuple[int, int]]  # part s holds sorted items [a, b): shards/part-{s:05d}.parquet
+    plan: dict
+    model: Any
+    prompt: str | None
+    reject_counts: dict
+
+
+def part_path(shard_dir: Path, s: int) -> Path:
+    return shard_dir / f"part-{s:05d}.parquet"
+
+
+def shard_parts(n_parts: int, index: int, count: int) -> list[int]:
+    """The parts shard `index`/`count` encodes: every count-th part (the parts of one layout, whatever N is)."""
+    return [s for s in range(n_parts) if s % count == index]
+
+
+def prepare_work(cfg: EmbedConfig, rejects: RejectLog, device: str | None = None,
+                 compute_dtype: str | None = None) -> EmbedWork:
+    """Read the catalogue, load the encoder and plan the work (no write to out_dir). `device` / `compute_dtype`
+    override the recipe's for a process that only plans (the plan depends on the tokenizer, not on them)."""
+    require_complete(cfg.catalogue.path, "catalogue.path")
+    try:
+        ids, texts, reject_counts = read_catalogue(cfg.catalogue, rejects, cfg.limit)
+    finally:
+        rejects.close()
+    if not ids:
+        raise RecforgeError(f"{cfg.catalogue.path}: no usable items")
+    model = load_model(cfg.model, cfg.max_seq_length, device or cfg.device, compute_dtype or cfg.compute_dtype)
+    prompt = (model.prompts or {}).get(cfg.catalogue.prompt_name) if cfg.catalogue.prompt_name else None
+    if cfg.catalogue.prompt_name and prompt is None:
+        raise RecforgeError(f"catalogue.prompt_name: the model has no prompt {cfg.catalogue.prompt_name!r} "
+                            f"(it has {sorted(model.prompts or {})})")
+
+    if cfg.sort_by_length:
+        order, batches = embed_batches(token_lengths(model, texts, prompt), cfg.batch_size)
+    else:
+        order = list(range(len(texts)))
+        batches = [(i, min(i + cfg.batch_size, len(texts))) for i in range(0, len(texts), cfg.batch_size)]
+    sorted_ids = [ids[i] for i in order]
+    sorted_texts = [texts[i] for i in order]
+    parts = [(a, min(a + cfg.shard_size, len(order))) for a in range(0, len(order), cfg.shard_size)]
+    plan = {
+        # the content, not the path: a catalogue replaced between a kill and the resume must not resume
+        "catalogue_sha256": sha256_file(cfg.catalogue.path),
+        "model": str(Path(cfg.model).resolve()) if cfg.model != "minilm" else "minilm",
+        # The weights' content, not just the path: a model retrained into the same folder must not resume.
+        "model_digest": model_digest(cfg.model),
+        "ids_sha256": hashlib.sha256("\n".join(sorted_ids).encode()).hexdigest(),
+        "shards": len(parts), "shard_size": cfg.shard_size, "quantize": cfg.quantize,
+        # other arithmetic gives other vectors: a resume must not mix them in one output
+        **({"compute_dtype": cfg.compute_dtype} if cfg.compute_dtype != "float32" else {}),
+        "prompt": prompt, "max_seq_length": model.max_seq_length,
+    }
+    return EmbedWork(ids, sorted_ids, sorted_texts, batches, parts, plan, model, prompt, reject_counts)
+
+
+def encode_parts(work: EmbedWork, shard_dir: Path, parts: list[int], quantize: str, progress=None,
+                 after_part: Callable[[int, int], None] | None = None) -> int:
+    """Encode the given parts that are not on disk yet, each written atomically; returns the items encoded.
+
+    A part on disk is never encoded again, so a killed (or retried) run resumes and no id is written twice."""
+    encoded = 0
+    for s in parts:
+        path = part_path(shard_dir, s)
+        if path.is_file():
+            continue
+        a, b = work.parts[s]
+        part_batches = [(max(x, a) - a, min(y, b) - a) for x, y in work.batches if x < b and y > a]
+        vecs = encode_sorted(work.model, work.sorted_texts[a:b], part_batches, work.prompt, progress)
+        write_parquet_atomic(vectors_table(work.sorted_ids[a:b], vecs, quantize), path)
+        encoded += b - a
+        if after_part is not None:
+            after_part(s, b - a)
+    return encoded
 
 
 def run_embed(cfg: EmbedConfig, overwrite: bool = False) -> dict:
@@ -207,7 +301,8 @@ def run_embed(cfg: EmbedConfig, overwrite: bool = False) -> dict:
 
     One writer at a time (`output_lock`). Every check (catalogue, model, plan) runs before anything is written:
     a refused resume leaves the previous run's files byte-identical. `overwrite` discards an earlier run's
-    outputs instead of refusing a changed plan."""
+    outputs instead of refusing a changed plan. The work: plan (`start_embed`), encode every part
+    (`encode_parts`), check and index (`finish_embed`); `recforge embed --ray` runs the middle step as N Ray tasks."""
     out_dir = Path(cfg.out_dir)
     with output_lock(out_dir, "embed"):
         staged = out_dir / f".{REJECTS}.partial"
@@ -244,81 +339,66 @@ def _check_plan(plan_path: Path, plan: dict, catalogue: str, overwrite: bool) ->
     return False
 
 
-def _run_embed(cfg: EmbedConfig, out_dir: Path, staged_rejects: Path, overwrite: bool) -> dict:
-    from tqdm.auto import tqdm
+def start_embed(cfg: EmbedConfig, out_dir: Path, staged_rejects: Path, overwrite: bool, command: str = "embed",
+                device: str | None = None, compute_dtype: str | None = None) -> tuple[EmbedWork, RunRecorder]:
+    """(a) Plan the work and take over out_dir's bookkeeping; the caller holds out_dir's lock.
 
-    require_complete(cfg.catalogue.path, "catalogue.path")
+    A changed catalogue or model is refused (or, with `overwrite`, the earlier outputs are discarded) before
+    anything is written; then `plan.json` (once: a resume keeps it), the run's rejects and a running manifest."""
     staged_rejects.unlink(missing_ok=True)  # a killed run's leftovers: this run's rejects only
-    rejects = RejectLog(staged_rejects)
-    try:
-        ids, texts, reject_counts = read_catalogue(cfg.catalogue, rejects, cfg.limit)
-    finally:
-        rejects.close()
-    if not ids:
-        raise RecforgeError(f"{cfg.catalogue.path}: no usable items")
-    model = load_model(cfg.model, cfg.max_seq_length, cfg.device, cfg.compute_dtype)
-    prompt = (model.prompts or {}).get(cfg.catalogue.prompt_name) if cfg.catalogue.prompt_name else None
-    if cfg.catalogue.prompt_name and prompt is None:
-        raise RecforgeError(f"catalogue.prompt_name: the model has no prompt {cfg.catalogue.prompt_name!r} "
-                            f"(it has {sorted(model.prompts or {})})")
-
-    if cfg.sort_by_length:
-        order, batches = embed_batches(token_lengths(model, texts, prompt), cfg.batch_size)
-    else:
-        order = list(range(len(texts)))
-        batches = [(i, min(i + cfg.batch_size, len(texts))) for i in range(0, len(texts), cfg.batch_size)]
-    sorted_ids = [ids[i] for i in order]
-    sorted_texts = [texts[i] for i in order]
-    shard_bounds = [(a, min(a + cfg.shard_size, len(order))) for a in range(0, len(order), cfg.shard_size)]
-    plan = {
-        # the content, not the path: a catalogue replaced between a kill and the resume must not resume
-        "catalogue_sha256": sha256_file(cfg.catalogue.path),
-        "model": str(Path(cfg.model).resolve()) if cfg.model != "minilm" else "minilm",
-        # The weights' content, not just the path: a model retrained into the same folder must not resume.
-        "model_digest": model_digest(cfg.model),
-        "ids_sha256": hashlib.sha256("\n".join(sorted_ids).encode()).hexdigest(),
-        "shards": len(shard_bounds), "shard_size": cfg.shard_size, "quantize": cfg.quantize,
-        # other arithmetic gives other vectors: a resume must not mix them in one output
-        **({"compute_dtype": cfg.compute_dtype} if cfg.compute_dtype != "float32" else {}),
-        "prompt": prompt, "max_seq_length": model.max_seq_length,
-    }
+    work = prepare_work(cfg, RejectLog(staged_rejects), device, compute_dtype)
     plan_path = out_dir / PLAN
-    resuming = _check_plan(plan_path, plan, cfg.catalogue.path, overwrite)
+    resuming = _check_plan(plan_path, work.plan, cfg.catalogue.path, overwrite)
 
     # The checks passed: from here on this run owns out_dir's bookkeeping.
-    run = RunRecorder(out_dir, "embed", cfg)
+    run = RunRecorder(out_dir, command, cfg)
     staged_rejects.touch()
     staged_rejects.replace(out_dir / REJECTS)  # per run: a rerun's rejects replace the previous run's
-    run.rejects.update(reject_counts)
-    run.add_input(cfg.catalogue.path, name="catalogue", rows=len(ids))
+    run.rejects.update(work.reject_counts)
+    run.add_input(cfg.catalogue.path, name="catalogue", rows=len(work.ids))
     if not resuming:
-        atomic_write_json(plan_path, plan)
+        atomic_write_json(plan_path, work.plan)
+    (out_dir / "shards").mkdir(parents=True, exist_ok=True)
+    return work, run
 
+
+def parts_on_disk(work: EmbedWork, shard_dir: Path) -> list[int]:
+    return [s for s in range(len(work.parts)) if part_path(shard_dir, s).is_file()]
+
+
+def items_in(work: EmbedWork, parts: list[int]) -> int:
+    return sum(work.parts[s][1] - work.parts[s][0] for s in parts)
+
+
+def finish_embed(cfg: EmbedConfig, out_dir: Path, work: EmbedWork, run: RunRecorder, extra: dict) -> tuple[int, dict]:
+    """(c) Once every part is on disk: check that the parts cover the catalogue exactly once, build the faiss
+    index, and write the manifest (`status: complete`) last. Returns (rows, manifest)."""
     shard_dir = out_dir / "shards"
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    done = [i for i in range(len(shard_bounds)) if (shard_dir / f"part-{i:05d}.parquet").is_file()]
-    done_items = sum(shard_bounds[i][1] - shard_bounds[i][0] for i in done)
-    progress = tqdm(total=len(order), initial=done_items, unit="item", desc="embed", smoothing=0.1, mininterval=1.0)
-    started, encoded = time.perf_counter(), 0
-    for s, (a, b) in enumerate(shard_bounds):
-        if s in done:
-            continue
-        shard_batches = [(max(x, a) - a, min(y, b) - a) for x, y in batches if x < b and y > a]
-        vecs = encode_sorted(model, sorted_texts[a:b], shard_batches, prompt, progress)
-        write_parquet_atomic(vectors_table(sorted_ids[a:b], vecs, cfg.quantize), shard_dir / f"part-{s:05d}.parquet")
-        encoded += b - a
-    progress.close()
-    elapsed = time.perf_counter() - started
-    items_per_s = encoded / elapsed if encoded and elapsed > 0 else 0.0
-
     all_ids, all_vecs = read_vectors(out_dir)
-    if len(all_ids) != len(set(all_ids)) or set(all_ids) != set(ids):
+    if len(all_ids) != len(set(all_ids)) or set(all_ids) != set(work.ids):
         raise RecforgeError(f"{shard_dir}: shards do not cover the catalogue exactly once; delete {out_dir} and rerun")
     run.add_output("vectors", shard_dir, rows=len(all_ids), dim=int(all_vecs.shape[1]), quantize=cfg.quantize)
     if cfg.faiss_index:
         run.add_output("faiss_index", build_faiss_index(out_dir, all_ids, all_vecs), rows=len(all_ids))
-    run.extra.update({"device": str(model.device), "items_per_s": items_per_s, "encoded_this_run": encoded,
-                      "resumed_shards": len(done),
-                      "batches": len(batches), "sorted_by_tokens": cfg.sort_by_length})
-    run.finish()
-    return {"rows": len(all_ids), "out_dir": str(out_dir), "items_per_s": items_per_s, "resumed_shards": len(done)}
+    run.extra.update(extra)
+    return len(all_ids), run.finish()
+
+
+def _run_embed(cfg: EmbedConfig, out_dir: Path, staged_rejects: Path, overwrite: bool) -> dict:
+    from tqdm.auto import tqdm
+
+    work, run = start_embed(cfg, out_dir, staged_rejects, overwrite)
+    shard_dir = out_dir / "shards"
+    done = parts_on_disk(work, shard_dir)
+    progress = tqdm(total=len(work.sorted_ids), initial=items_in(work, done), unit="item", desc="embed",
+                    smoothing=0.1, mininterval=1.0)
+    started = time.perf_counter()
+    encoded = encode_parts(work, shard_dir, shard_parts(len(work.parts), 0, 1), cfg.quantize, progress)
+    progress.close()
+    elapsed = time.perf_counter() - started
+    items_per_s = encoded / elapsed if encoded and elapsed > 0 else 0.0
+
+    rows, _ = finish_embed(cfg, out_dir, work, run, {
+        "device": str(work.model.device), "items_per_s": items_per_s, "encoded_this_run": encoded,
+        "resumed_shards": len(done), "batches": len(work.batches), "sorted_by_tokens": cfg.sort_by_length})
+    return {"rows": rows, "out_dir": str(out_dir), "items_per_s": items_per_s, "resumed_shards": len(done)}

@@ -33,36 +33,11 @@ COMPRESS_TOKEN = "<recforge_compress>"
 
 
 def resolve_backbone_path(path: str, cache_root: str = "runs") -> Path:
-    """`minilm` / `smollm2` / `qwen2.5-0.5b` -> the offline model's folder (`recforge.models.resolve_model`);
-    `tiny` -> the tiny LM (built once under `runs/tiny-model`)."""
-    from recforge.models import OFFLINE_LLMS, resolve_model
+    """An alias (`minilm` / `smollm2` / `qwen2.5-0.5b`, or `tiny`: the tiny LM built once under
+    `<cache_root>/tiny-model`) or a local folder -> the backbone's model folder (`recforge.models.resolve_model`)."""
+    from recforge.models import resolve_model_folder
 
-    if path == "minilm" or path in OFFLINE_LLMS:
-        return Path(resolve_model(path))
-    if path == "tiny":
-        from recforge.tiny_model import TinyModelConfig, build_tiny_model
-
-        out = Path(cache_root) / "tiny-model"
-        if not (out / "config.json").is_file():
-            # built beside and renamed into place: every rank of a launch may get here at once (the build is
-            # seeded, so all copies are the same); the first rename wins, a killed build leaves no half folder
-            import os
-            import shutil
-
-            tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            build_tiny_model(TinyModelConfig(), tmp)
-            try:
-                tmp.rename(out)
-            except OSError:
-                shutil.rmtree(tmp, ignore_errors=True)
-                if not (out / "config.json").is_file():
-                    raise
-        return out
-    p = Path(path).expanduser()
-    if not (p / "config.json").is_file() and not (p / "modules.json").is_file():
-        raise RecforgeError(f"backbone.path: {p} is not a model folder (no config.json)")
-    return p
+    return resolve_model_folder(path, "backbone.path", tiny_root=cache_root)
 
 
 def truncation_kwargs(path: Path, num_layers: int | None) -> dict:

@@ -33,7 +33,8 @@ def read_generated_queries(path: str, allow_partial: bool = False, notes: list |
         return {str(r["entity_id"]): list(r.get("pseudo_queries") or []) for r in rows if r.get("pseudo_queries")}
     if not p.is_dir():
         raise RecforgeError(f"generated: {path} is neither a generate run folder nor a features Parquet file")
-    from recforge.generate.postprocess import aggregate, read_run_outputs
+    from recforge.generation_features import aggregate
+    from recforge.generations import read_run_outputs
 
     table = read_run_outputs(p, allow_partial=allow_partial, notes=notes)
     rows = table.to_pylist() if hasattr(table, "to_pylist") else list(table)

@@ -134,11 +134,11 @@ def train_model(model, pairs: list[dict], cfg: AlignConfig, out_dir: Path, info:
         column_prompts.update(positive=cfg.data.document_prompt, negative=cfg.data.document_prompt)
     args = SentenceTransformerTrainingArguments(
         output_dir=str(out_dir / "checkpoints"),
-        num_train_epochs=cfg.train.epochs,
+        num_train_epochs=cfg.train.num_train_epochs,
         max_steps=cfg.train.max_steps,
-        per_device_train_batch_size=cfg.train.batch_size,
+        per_device_train_batch_size=cfg.train.per_device_train_batch_size,
         learning_rate=cfg.train.learning_rate,
-        warmup_ratio=cfg.train.warmup_ratio,
+        warmup_steps=cfg.train.warmup_steps,
         weight_decay=cfg.train.weight_decay,
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -164,7 +164,7 @@ def train_model(model, pairs: list[dict], cfg: AlignConfig, out_dir: Path, info:
                "last_logged_loss": history[-1]["loss"] if history else None,
                "train_rows": sum(len(d) for d in dataset.values()) if isinstance(dataset, dict) else len(dataset),
                "kinds": {k: len(v) for k, v in by_kind.items()}, "world_size": args.world_size,
-               "global_batch_size": cfg.train.batch_size * args.world_size, **generation}
+               "global_batch_size": cfg.train.per_device_train_batch_size * args.world_size, **generation}
     for name, part in (loss.items() if isinstance(loss, dict) else [("all", loss)]):
         inner = getattr(part, "loss", part)
         inner = getattr(inner, "contrastive", inner)

@@ -39,12 +39,12 @@ GRIDS: dict[str, dict[str, list[str]]] = {
         "mean_l8_full_lr3e-4": ["pooling.mode=mean", "backbone.num_layers=8", "backbone.lora=false", "train.learning_rate=3e-4"],
     },
     "steps_len": {
-        "mean_l8_full_lr1e-4_ep4": ["pooling.mode=mean", "backbone.num_layers=8", "backbone.lora=false", "train.learning_rate=1e-4", "train.epochs=4"],
+        "mean_l8_full_lr1e-4_ep4": ["pooling.mode=mean", "backbone.num_layers=8", "backbone.lora=false", "train.learning_rate=1e-4", "train.num_train_epochs=4"],
         "mean_l8_full_lr1e-4_len64": ["pooling.mode=mean", "backbone.num_layers=8", "backbone.lora=false", "train.learning_rate=1e-4", "backbone.max_seq_length=64"],
         "mean_l30_full_lr1e-4": ["pooling.mode=mean", "backbone.num_layers=30", "backbone.lora=false", "train.learning_rate=1e-4"],
     },
 }
-SHARED = ["data.esci.eval_on=validation", "train.epochs=2", "train.bf16=false", "loss.use_hard_negatives=false",
+SHARED = ["data.esci.eval_on=validation", "train.num_train_epochs=2", "train.bf16=false", "loss.use_hard_negatives=false",
           "train.logging_steps=3"]
 
 

@@ -202,7 +202,7 @@ def subsample_auc(dataset: str, args, events, items, setup, work: Path) -> dict:
     cfg = load_recipe(dataset, args, work / "auc")
     cfg.model.history_length = args.auc_history
     cfg.train.max_train_samples, cfg.train.max_eval_samples = args.auc_train, args.auc_test
-    cfg.train.max_epochs, cfg.train.batch_size, cfg.train.patience = args.auc_epochs, args.auc_batch, args.auc_epochs
+    cfg.train.num_train_epochs, cfg.train.per_device_train_batch_size, cfg.train.early_stopping_patience = args.auc_epochs, args.auc_batch, args.auc_epochs
     data = ctr_data(cfg, events, items)
     data.splits["valid"] = subsample(data.splits["valid"], args.auc_valid, seed=1)
     data.stats["samples"]["valid"] = len(data.splits["valid"])

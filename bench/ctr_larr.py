@@ -55,7 +55,7 @@ def main() -> int:
         if encoder:
             overrides += [f"model.larr.encoder={encoder}", f"model.larr.cache_dir={out_dir / ('scene_cache_' + Path(encoder).name)}"]
         if args.quick:
-            overrides += ["seeds=[0]", "train.max_epochs=2", "train.batch_size=256", "train.max_train_samples=5000",
+            overrides += ["seeds=[0]", "train.num_train_epochs=2", "train.per_device_train_batch_size=256", "train.max_train_samples=5000",
                           "train.max_eval_samples=2000"]
         cfg = load_recipe(CTRRecipe, RECIPES[dataset], overrides + list(args.set))
         load_before, started = os.getloadavg(), time.time()

@@ -5,7 +5,8 @@ this script copies them into bench/results, adding the measured cost of the gene
 exists (wall, user + system CPU seconds from /usr/bin/time, load average), and with --run it runs the recipes first.
 Only aggregate metrics are written: MovieLens-100K data and the text generated from it stay under runs/.
 
-    .venv/bin/python bench/ctr_verdict.py [--run] [--movielens ../shared/data/movielens_100k] [--gen-times runs/logs/gen_times3.jsonl]
+    .venv/bin/python bench/ctr_verdict.py [--run] [--movielens ../shared/data/movielens_100k] [--llm-embedder DIR]
+                                          [--gen-times runs/logs/gen_times3.jsonl]
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ GEN_STEPS = {"goodbooks": {"item_judgement": "gb_reception", "item_knowledge": "
              "movielens": {"item_judgement": "ml_reception", "item_knowledge": "ml_knowledge"}}
 
 
-def run(dataset: str, runs: Path, movielens: str) -> None:
-    args = [sys.executable, "-m", "recforge", "eval", "ctr", DATASETS[dataset], f"out_dir={runs / 'ctr' / f'{dataset}_verdict'}"]
+def run(dataset: str, runs: Path, movielens: str, embedder: str) -> None:
+    args = [sys.executable, "-m", "recforge", "train-ctr", DATASETS[dataset], f"out_dir={runs / 'ctr' / f'{dataset}_verdict'}",
+            f"llm_embedding.model={embedder}"]
     if dataset == "movielens":
         args += [f"inputs.{k}.path={movielens}/{k}.jsonl.gz" for k in ("interactions", "items")]
         args += [f"inputs.knowledge={runs}/generate/movielens_knowledge/features", f"inputs.judgement={runs}/generate/movielens_reception"]
@@ -125,6 +127,8 @@ def main() -> int:
     p.add_argument("--movielens", default=str(ROOT.parent / "shared" / "data" / "movielens_100k"))
     p.add_argument("--gen-times", default=None, help="JSONL of the generation steps' timings (runs/logs/gen_times3.jsonl)")
     p.add_argument("--datasets", nargs="*", default=list(DATASETS))
+    p.add_argument("--llm-embedder", default=str(ROOT / "runs" / "pseudo" / "align_llm_real" / "model"),
+                   help="the aligned LLM embedder (`make align-pseudo`'s SmolLM2) for the item_llm_embedding variant")
     p.add_argument("--llm-items", type=int, default=None, metavar="WARM_PERCENT",
                    help="only write runs/llm_items/<dataset>_items.jsonl.gz: new items + WARM_PERCENT %% of the others")
     args = p.parse_args()
@@ -140,7 +144,7 @@ def main() -> int:
             if dataset == "movielens" and not (Path(args.movielens) / "items.jsonl.gz").is_file():
                 print(f"MovieLens-100K not found at {args.movielens}: skipped")
                 continue
-            run(dataset, runs, args.movielens)
+            run(dataset, runs, args.movielens, args.llm_embedder)
         collect(dataset, runs, Path(args.gen_times) if args.gen_times else None)
     return 0
 

@@ -34,7 +34,7 @@ def recipe(model: str, corpus: Path, steps: int, max_length: int, batch: int, bf
                  "eval": {"esci": {"path": str(corpus), "split": "eval", "max_rows": 40}}},
         "packing": "isolated",
         "max_length": max_length,
-        "training": {"max_steps": steps, "per_device_batch_size": batch, "learning_rate": 5e-4, "lr_scheduler": "constant",
+        "training": {"max_steps": steps, "per_device_train_batch_size": batch, "learning_rate": 5e-4, "lr_scheduler_type": "constant",
                      "warmup_steps": 0, "logging_steps": 5, "save_steps": 100000, "bf16": bf16},
         "seed": 0,
         "out_dir": str(out),
@@ -55,7 +55,7 @@ def run_arm(name: str, cfg: dict, work: Path, threads: int) -> dict:
     losses = [loss for _, loss in json.loads((out / "report.json").read_text())["train_loss"]]
     runtime = manifest["train"]["train_runtime_s"]
     steps = manifest["train"]["steps"]
-    positions = steps * cfg["training"]["per_device_batch_size"] * cfg["max_length"]
+    positions = steps * cfg["training"]["per_device_train_batch_size"] * cfg["max_length"]
     return {"wall_s": round(wall, 1), "train_runtime_s": runtime, "steps": steps,
             "positions_per_s": round(positions / runtime, 1) if runtime else None,
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
@@ -99,7 +99,7 @@ def main() -> int:
     report = {
         "benchmark": "SmolLM2-135M-Instruct LoRA CPT on CPU: float32 vs bfloat16 autocast, same recipe and steps",
         "model": f"{args.model} ({model})", "corpus": "ESCI in-context corpus from the shipped sample (isolated packing)",
-        "steps": args.steps, "max_length": args.max_length, "per_device_batch_size": args.batch, "torch_threads": args.threads,
+        "steps": args.steps, "max_length": args.max_length, "per_device_train_batch_size": args.batch, "torch_threads": args.threads,
         "arms": arms, "bf16_speedup": round(speed, 3), "final_loss_relative_gap": round(loss_gap, 4),
         "heldout_ppl_relative_gap": round(ppl_gap, 4),
         "default": "bf16_autocast" if speed > 1 and loss_gap <= 0.01 and ppl_gap <= 0.01 else "float32",

@@ -19,7 +19,7 @@ in the JSON as such, and the others still run):
 - `cpt:smollm2`, `cpt:qwen2.5-0.5b`: SmolLM2-135M and Qwen2.5(-Coder)-0.5B **with random weights** built from the
   configs in .whl/gpu_models/ (copied there by bench/gpu_prepare.sh; weights cannot travel to the GPU machine; throughput and FLOPs do not depend on
   their values). LoRA r=16 on every linear layer, bf16 weights, the shipped ESCI + goodbooks documents packed by
-  `finetune.packing` (isolated, the GPU recipe's max_length x per_device_batch_size: 2048 x 8):
+  `finetune.packing` (isolated, the GPU recipe's max_length x per_device_train_batch_size: 2048 x 8):
     * `loop_stock` / `loop_chunked_ce`: forward + backward + AdamW step in a plain loop, stock loss vs
       `finetune.chunked_loss` (what bench/finetune_cpu_efficiency.py measures on the CPU: model FLOPs per step from
       `torch.utils.flop_counter` on the stock arm, the same accounting), tokens/s, step time, peak GPU memory, MFU;
@@ -29,7 +29,7 @@ in the JSON as such, and the others still run):
       checkpointing's recomputation is not counted).
 - `align`: one epoch of `align.trainer.train_model` (SentenceTransformerTrainer) on the shipped ESCI pairs with
   `make demo`'s align/recipes/esci_smollm2.yaml as it stands (its pooling, layers, LoRA or full fine-tuning are
-  recorded), `train.epochs=1` and bf16 on the GPU, on the **random-init SmolLM2** backbone
+  recorded), `train.num_train_epochs=1` and bf16 on the GPU, on the **random-init SmolLM2** backbone
   (all-MiniLM-L6-v2's weights cannot travel either); pairs/s, step time, peak memory. The image has no polars
   (54 MB wheel, too big to carry), which the data path uses only for the train/eval id-overlap report
   (`recforge.splits.leakage_check`): there it is computed with Python sets instead, and the JSON says so.
@@ -311,7 +311,7 @@ def cpt_shapes(args):
 
     recipe = load_recipe(CPTConfig, ROOT / "finetune/recipes/cpt_esci_gpu.yaml")
     max_length = args.max_length or (32 if args.smoke else recipe.max_length)
-    batch = args.batch or (1 if args.smoke else recipe.training.per_device_batch_size)
+    batch = args.batch or (1 if args.smoke else recipe.training.per_device_train_batch_size)
     return recipe, max_length, batch
 
 
@@ -460,7 +460,7 @@ def cpt_trainer_arm(args, clock: Clock, name: str, model_dir: Path, max_length: 
     steps = max(2, min(args.trainer_steps, args.steps + 1)) if args.smoke else args.trainer_steps
     overrides = [f"model.path={model_dir}", f"data.train.esci.path={corpora / 'esci.parquet'}",
                  "data.eval.esci=null", "data.eval.goodbooks=null", f"out_dir={out_dir}",
-                 f"max_length={max_length}", f"training.per_device_batch_size={rows}",
+                 f"max_length={max_length}", f"training.per_device_train_batch_size={rows}",
                  f"training.max_steps={steps}", "training.logging_steps=1", "training.save_steps=100000"]
     if args.smoke:
         overrides.append("training.gradient_accumulation_steps=1")
@@ -541,11 +541,11 @@ def part_align(args, clock: Clock) -> dict:
     model_dir = random_model("smollm2", work, args.smoke)
     out_dir = work / "align_smollm2"
     shutil.rmtree(out_dir, ignore_errors=True)
-    overrides = [f"backbone.path={model_dir}", f"out_dir={out_dir}", "train.epochs=1"]
+    overrides = [f"backbone.path={model_dir}", f"out_dir={out_dir}", "train.num_train_epochs=1"]
     if device.startswith("cuda"):
         overrides.append("train.bf16=true")  # the demo recipe turns bf16 off for CPUs without AVX512-BF16 / AMX
     if args.smoke:
-        overrides += [f"train.max_steps={args.steps}", "train.batch_size=4"]
+        overrides += [f"train.max_steps={args.steps}", "train.per_device_train_batch_size=4"]
     cfg = load_recipe(AlignConfig, ROOT / "align/recipes/esci_smollm2.yaml", overrides)
     set_seed(cfg.seed)
     patched = without_polars_leakage_check()
@@ -560,12 +560,12 @@ def part_align(args, clock: Clock) -> dict:
     summary = train_model(model, data.train_pairs, cfg, out_dir, info, device)
     sync(torch, device)
     elapsed = time.perf_counter() - t
-    pairs_seen = summary["steps"] * cfg.train.batch_size
+    pairs_seen = summary["steps"] * cfg.train.per_device_train_batch_size
     return {"recipe": "align/recipes/esci_smollm2.yaml", "overrides": overrides,
             "backbone": "SmolLM2-135M architecture, random init" + (" (smoke: 2 layers)" if args.smoke else ""),
             "pooling": info["pooling"], "num_layers": cfg.backbone.num_layers, "lora": cfg.backbone.lora,
             "bf16": cfg.train.bf16, "hard_negatives": cfg.loss.use_hard_negatives, "max_seq_length": cfg.backbone.max_seq_length,
-            "epochs": cfg.train.epochs, "train_pairs": len(data.train_pairs), "batch_size": cfg.train.batch_size,
+            "epochs": cfg.train.num_train_epochs, "train_pairs": len(data.train_pairs), "batch_size": cfg.train.per_device_train_batch_size,
             "steps": summary["steps"], "train_s": round(elapsed, 2),
             "step_s_mean": round(elapsed / max(1, summary["steps"]), 4),
             "pairs_per_s": round(pairs_seen / elapsed, 1), "train_loss": summary["train_loss"],

@@ -22,31 +22,37 @@ shards and that no eval id is in a train row across shards, and writes the merge
 from __future__ import annotations
 
 import contextlib
-import gzip
-import json
-import re
+import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 import yaml
 from pydantic import BaseModel, Field, ValidationError
 
 from recforge.config import RecforgeError, format_validation_error, load_yaml
 from recforge.data_recipes import builders as B
+from recforge.data_recipes.corpus_io import (
+    CorpusWriter,
+    iter_parquet_batches,
+    read_column,
+    remove_old_shards,
+)
 from recforge.readers import (
     RejectLog,
     SourceConfig,
-    read_interactions,
+    features_table,
     read_item_tags,
     read_items,
     read_judgments,
     read_queries,
 )
+from recforge.data_recipes.lazy_read import read_interactions
 from recforge.data_recipes.recipe_config import DataRecipe
 from recforge.data_recipes.serialize import Serializer, TokenCounter
-from recforge.data_recipes.splits import EVAL, TRAIN
-from recforge.io import resolve_path, write_parquet_shards
+from recforge.data_recipes.splits import TRAIN
 from recforge.manifest import RunRecorder
 from recforge.records import corpus_schema, pairs_schema
 from recforge.runstate import output_lock, read_manifest, unfinished_reason
@@ -56,27 +62,13 @@ CORPUS_NAMES = ("items", "queries", "query_item", "field_targets", "in_context",
 
 
 def read_features(src: SourceConfig) -> pl.DataFrame:
-    """The generate stage's features table (Parquet or JSONL[.gz], `features_schema` columns)."""
-    path = resolve_path(src.path)
-    if not path.is_file():
-        raise RecforgeError(f"inputs.features.path: file not found: {src.path}")
-    name = path.name.lower()
-    try:
-        if name.endswith((".parquet", ".pq")) or src.format == "parquet":
-            frame = pl.read_parquet(path)
-        else:
-            opener = gzip.open if name.endswith(".gz") else open
-            with opener(path, "rt", encoding="utf-8") as f:
-                frame = pl.DataFrame([json.loads(line) for line in f if line.strip()], infer_schema_length=None)
-    except (OSError, ValueError, pl.exceptions.PolarsError) as err:
-        raise RecforgeError(f"inputs.features.path: cannot read {path}: {err}") from None
-    rename = {column: field for field, column in src.fields.items() if column in frame.columns and column != field}
+    """The generate stage's features table (`recforge.readers.features_table`), the recipe's own column names
+    mapped onto the table's, ids as text."""
+    rename = {column: field for field, column in src.fields.items() if column != field}
     if src.id and src.id != "entity_id":
         rename[src.id] = "entity_id"
-    frame = frame.rename(rename)
-    if "entity_id" not in frame.columns:
-        raise RecforgeError(f"inputs.features.id: {path} has no entity_id column (columns: {frame.columns})")
-    return frame.with_columns(pl.col("entity_id").cast(pl.Utf8))
+    table = features_table(src.path, "inputs.features.path", src.format, rename)
+    return pl.from_arrow(table).with_columns(pl.col("entity_id").cast(pl.Utf8))
 
 
 class Inputs:
@@ -114,34 +106,24 @@ def read_inputs(cfg: DataRecipe, rejects: RejectLog, run: RunRecorder) -> Inputs
     return got
 
 
-SHARD_RE = re.compile(r"^(train|eval)-\d{5}-of-\d{5}\.parquet$")
+def write_corpus(rows: pl.DataFrame | Iterable[pl.DataFrame], out_dir: Path, name: str, rows_per_shard: int,
+                 pairs: bool = False) -> dict[str, Any]:
+    """Write one corpus as `<split>-0000i-of-0000n.parquet` shards; old shards of the corpus are removed first.
 
-
-def remove_old_shards(folder: Path) -> None:
-    """Delete the shards a previous run wrote here (only files named like ours), so no stale rows mix in."""
-    if folder.is_dir():
-        for old in folder.iterdir():
-            if SHARD_RE.match(old.name):
-                old.unlink()
-
-
-def write_corpus(frame: pl.DataFrame, out_dir: Path, name: str, rows_per_shard: int, pairs: bool = False) -> dict[str, Any]:
-    """Write one corpus as `<split>-0000i-of-0000n.parquet` shards; old shards of the corpus are removed first."""
-    folder = out_dir / name
-    folder.mkdir(parents=True, exist_ok=True)
-    remove_old_shards(folder)
+    `rows`: the corpus in one frame, or its rows as a stream of frames (any splits: the `split` column routes
+    them). Train rows, then eval rows, each in
+    the order given, `rows_per_shard` per file: the layout is the same for a frame and for its rows streamed
+    (`corpus_io.CorpusWriter`: each file is written under a hidden temporary name and renamed when done)."""
     schema = pairs_schema() if pairs else corpus_schema()
     columns = B.PAIRS_COLUMNS if pairs else B.CORPUS_COLUMNS
-    files: dict[str, list[str]] = {}
-    rows: dict[str, int] = {}
-    for split in (TRAIN, EVAL):
-        part = frame.filter(pl.col("split") == split).select(list(columns))
-        rows[split] = part.height
-        if part.height == 0:
-            continue
-        table = part.to_arrow().cast(schema)
-        files[split] = [str(p.relative_to(out_dir)) for p in write_parquet_shards(table, folder, split, rows_per_shard)]
-    return {"rows": rows, "files": files, "schema": "pairs" if pairs else "corpus"}
+    writer = CorpusWriter(out_dir, name, schema, columns, rows_per_shard, "pairs" if pairs else "corpus")
+    try:
+        for batch in [rows] if isinstance(rows, pl.DataFrame) else rows:
+            writer.write(batch)
+        return writer.close()
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def check_shardable(cfg: DataRecipe, shard: ShardSpec) -> None:
@@ -176,20 +158,29 @@ def _run_data(cfg: DataRecipe, strict: bool, shard: ShardSpec, out_dir: Path, ru
 
     counter = TokenCounter(cfg.token_count)
     serializer = Serializer(cfg.serializer, counter, seed=cfg.seed)
-    built, skipped = build_corpora(cfg, inputs, serializer, counter, shard)
+    names, skipped = plan_corpora(cfg, inputs, shard)
+    if "mix" in names:  # a mix naming a corpus this run does not build fails here, before anything is written
+        B.check_mix_weights(cfg.mix, mix_pool(dict.fromkeys(names)))
 
-    for name in CORPUS_NAMES:
-        if name not in built:
-            remove_old_shards(out_dir / name)  # a corpus this run skipped must not linger from an earlier run
+    # each corpus is written as soon as it is built (the in-context one while it is built, a batch at a time),
+    # and none is kept: memory holds the inputs and one corpus (or one batch), never every corpus' rows
     corpora, splits = {}, {}
-    for name, result in built.items():
-        corpora[name] = {**write_corpus(result.frame, out_dir, name, cfg.rows_per_shard, pairs=name == "pairs"),
-                         "report": {k: v for k, v in result.report.items() if k not in ("split", "splits")}}
+    for name, result in iter_corpora(cfg, inputs, serializer, counter, names, shard):
+        if name == "mix":
+            corpora[name] = write_mix({n: corpus_files(out_dir, corpora[n], TRAIN) for n in cfg.mix.weights},
+                                      out_dir, cfg.mix, cfg.seed, cfg.rows_per_shard)
+        else:
+            source = result.frame if result.batches is None else result.batches
+            corpora[name] = write_corpus(source, out_dir, name, cfg.rows_per_shard, pairs=name == "pairs")
+            corpora[name]["report"] = {k: v for k, v in result.report.items() if k not in ("split", "splits")}
         if "split" in result.report:
             splits[name] = result.report["split"]
         for sub, rep in result.report.get("splits", {}).items():
             splits[f"{name}/{sub}"] = rep
         run.add_output(name, out_dir / name, rows=sum(corpora[name]["rows"].values()))
+    for name in CORPUS_NAMES:
+        if name not in corpora:
+            remove_old_shards(out_dir / name)  # a corpus this run skipped must not linger from an earlier run
     if rejects.total:
         run.add_output("rejects", rejects_path, rows=rejects.total)
 
@@ -207,50 +198,87 @@ def _run_data(cfg: DataRecipe, strict: bool, shard: ShardSpec, out_dir: Path, ru
     return run.finish()
 
 
+def corpus_files(out_dir: Path, written: dict[str, Any], split: str) -> list[Path]:
+    """The files of one split of a corpus `write_corpus` wrote (its return value)."""
+    return [out_dir / f for f in written.get("files", {}).get(split, [])]
+
+
 # The corpora other than in_context are built whole and then filtered, so the reports inside a shard's manifest
 # (their leakage checks, pair-kind counts) describe the whole corpus; `corpora.<name>.rows` counts the shard's rows.
 SHARD_KEYS = "in_context: the row's group; pairs: anchor_id; other corpora: the first document id"
+
+
+def shard_key(name: str) -> pl.Expr:
+    """The expression of a corpus row's shard key (SHARD_KEYS)."""
+    if name == "pairs":
+        return pl.col("anchor_id")
+    if name == "in_context":
+        return pl.col("meta").str.json_path_match("$.group")
+    return pl.col("doc_ids").list.first()
 
 
 def shard_rows(name: str, frame: pl.DataFrame, shard: ShardSpec) -> pl.DataFrame:
     """The rows of a built corpus whose group key belongs to `shard` (SHARD_KEYS)."""
     if not shard.active or frame.height == 0:
         return frame
-    if name == "pairs":
-        key = pl.col("anchor_id")
-    elif name == "in_context":
-        key = pl.col("meta").str.json_path_match("$.group")
-    else:
-        key = pl.col("doc_ids").list.first()
-    return shard.filter(frame.with_columns(key.alias("_shard_key")), "_shard_key").drop("_shard_key")
+    return shard.filter(frame.with_columns(shard_key(name).alias("_shard_key")), "_shard_key").drop("_shard_key")
 
 
-def build_corpora(cfg: DataRecipe, inp: Inputs, serializer: Serializer, counter: TokenCounter,
-                  shard: ShardSpec = ShardSpec()) -> tuple[dict[str, B.Built], dict[str, str]]:
-    built: dict[str, B.Built] = {}
+def plan_corpora(cfg: DataRecipe, inp: Inputs, shard: ShardSpec = ShardSpec()) -> tuple[list[str], dict[str, str]]:
+    """The corpora this run builds (in build order) and why each other one is skipped (from the recipe and which
+    inputs are present: nothing is built yet)."""
+    names: list[str] = []
     skipped: dict[str, str] = {}
+
+    def need(name: str, enabled: bool, **required) -> None:
+        if not enabled:
+            skipped[name] = "disabled in the recipe"
+            return
+        missing = [k for k, v in required.items() if v is None]
+        if missing:
+            skipped[name] = "no " + ", ".join(f"inputs.{m}" for m in missing)
+            return
+        names.append(name)
+
+    need("items", cfg.items.enabled, items=inp.items)
+    need("queries", cfg.queries.enabled, queries=inp.queries)
+    need("query_item", cfg.query_item.enabled, items=inp.items, queries=inp.queries, judgments=inp.judgments)
+    need("field_targets", cfg.field_targets.enabled and bool(cfg.field_targets.tasks), items=inp.items)
+    need("in_context", cfg.in_context.enabled, items=inp.items)
+    need("reading", cfg.reading.enabled, items=inp.items, features=inp.features)
+    need("pairs", cfg.pairs.enabled, items=inp.items)
+    if inp.replay is not None:
+        names.append("replay")
+    if not cfg.mix.enabled:
+        skipped["mix"] = "disabled in the recipe"
+    elif shard.active:  # its ratios are over whole corpora
+        skipped["mix"] = "sharded run: `--merge` builds it from the merged corpora"
+    else:
+        names.append("mix")
+    return names, skipped
+
+
+def iter_corpora(cfg: DataRecipe, inp: Inputs, serializer: Serializer, counter: TokenCounter, names: list[str],
+                 shard: ShardSpec = ShardSpec()) -> Iterator[tuple[str, B.Built]]:
+    """(name, Built) for each planned corpus, one at a time, in `names` order. The in-context corpus is streamed
+    (`Built.batches`, built while it is written); the others are frames of the shard's rows. `mix` is yielded
+    last with no frame: it is made from the written corpora (`write_mix`)."""
     item_texts = B.item_text_frame(inp.items, serializer) if inp.items else None
     query_texts = B.query_text_frame(inp.queries, serializer) if inp.queries else None
     judgments = B.judgments_frame(inp.judgments) if inp.judgments else None
 
-    def need(name: str, enabled: bool, **required) -> bool:
-        if not enabled:
-            skipped[name] = "disabled in the recipe"
-            return False
-        missing = [k for k, v in required.items() if v is None]
-        if missing:
-            skipped[name] = "no " + ", ".join(f"inputs.{m}" for m in missing)
-            return False
-        return True
+    def sharded(name: str, result: B.Built) -> tuple[str, B.Built]:  # the cheap corpora: built whole, then filtered
+        result.frame = shard_rows(name, result.frame, shard)
+        return name, result
 
-    if need("items", cfg.items.enabled, items=inp.items):
-        built["items"] = B.build_items(inp.items, serializer, cfg.split)
-    if need("queries", cfg.queries.enabled, queries=inp.queries):
-        built["queries"] = B.build_queries(inp.queries, serializer, cfg.split)
-    if need("query_item", cfg.query_item.enabled, items=inp.items, queries=inp.queries, judgments=inp.judgments):
-        built["query_item"] = B.build_query_item(query_texts, judgments, item_texts, cfg.query_item, cfg.split)
-    if need("field_targets", cfg.field_targets.enabled and bool(cfg.field_targets.tasks), items=inp.items):
-        built["field_targets"] = B.build_field_targets(inp.items, serializer, cfg.field_targets, cfg.split)
+    if "items" in names:
+        yield sharded("items", B.build_items(inp.items, serializer, cfg.split))
+    if "queries" in names:
+        yield sharded("queries", B.build_queries(inp.queries, serializer, cfg.split))
+    if "query_item" in names:
+        yield sharded("query_item", B.build_query_item(query_texts, judgments, item_texts, cfg.query_item, cfg.split))
+    if "field_targets" in names:
+        yield sharded("field_targets", B.build_field_targets(inp.items, serializer, cfg.field_targets, cfg.split))
 
     scores, score_report = None, {}
     wants_scores = (cfg.pairs.enabled and cfg.pairs.item_item.enabled) or (
@@ -259,29 +287,88 @@ def build_corpora(cfg: DataRecipe, inp: Inputs, serializer: Serializer, counter:
         scores, score_report = B.co_engagement_scores(inp.interactions, cfg.pairs.item_item, cfg.split,
                                                       cfg.in_context.chunk_rows)
 
-    if need("in_context", cfg.in_context.enabled, items=inp.items):
-        built["in_context"] = B.build_in_context(cfg.in_context, cfg.split, counter, item_texts, query_texts,
-                                                 judgments, inp.interactions, scores, score_report.get("split"), shard)
-    if need("reading", cfg.reading.enabled, items=inp.items, features=inp.features):
-        built["reading"] = B.build_reading(item_texts, inp.features, cfg.reading, cfg.split)
-    if need("pairs", cfg.pairs.enabled, items=inp.items):
-        built["pairs"] = build_pairs(cfg, inp, item_texts, query_texts, judgments, scores, score_report)
-    if inp.replay is not None:
+    if "in_context" in names:
+        # already the shard's rows: each relation keeps its own groups' links / events before grouping
+        yield "in_context", B.build_in_context_stream(cfg.in_context, cfg.split, counter, item_texts, query_texts,
+                                                      judgments, inp.interactions, scores,
+                                                      score_report.get("split"), shard)
+    if "reading" in names:
+        yield sharded("reading", B.build_reading(item_texts, inp.features, cfg.reading, cfg.split))
+    if "pairs" in names:
+        yield sharded("pairs", build_pairs(cfg, inp, item_texts, query_texts, judgments, scores, score_report))
+    if "replay" in names:
         # its own corpus too, both splits: CPT replays the train rows and tracks general-text perplexity on the eval rows
-        built["replay"] = B.Built(B.replay_corpus(inp.replay, cfg.split))
-    for name, result in built.items():  # the corpora other than in_context are cheap: built whole, then filtered
-        result.frame = shard_rows(name, result.frame, shard)
-    if need("mix", cfg.mix.enabled):
-        if shard.active:  # its ratios are over whole corpora
-            skipped["mix"] = "sharded run: `--merge` builds it from the merged corpora"
-        else:
-            built["mix"] = B.mix_corpora(mix_pool({n: b.frame for n, b in built.items()}), cfg.mix, cfg.seed)
-    return built, skipped
+        yield sharded("replay", B.Built(B.replay_corpus(inp.replay, cfg.split)))
+    if "mix" in names:
+        yield "mix", B.Built(None)
 
 
-def mix_pool(corpora: dict[str, pl.DataFrame]) -> dict[str, pl.DataFrame]:
+def mix_pool(corpora: dict[str, Any]) -> dict[str, Any]:
     """The corpora mix samples from: all but the pairs (another schema) and an earlier mix."""
     return {name: frame for name, frame in corpora.items() if name not in ("pairs", "mix")}
+
+
+def write_mix(sources: dict[str, list[Path]], out_dir: Path, cfg, seed: int, rows_per_shard: int) -> dict[str, Any]:
+    """The mix corpus from the train files of the corpora it names, written a batch at a time: the rows
+    `B.mix_corpora` would give for those corpora in memory, in its order (`B.mix_plan`).
+
+    Mixing picks rows by their rank in row-id order and shuffles them, so it needs random access to every
+    train row of the mixed corpora; instead of holding them, this reads only the row ids (to rank them), then
+    streams each corpus once, dropping each picked row into the bucket of its place in the mix (Arrow IPC files
+    in a hidden folder of out_dir, ~`bucket` rows each), and finally writes the buckets in order, each sorted."""
+    B.check_mix_weights(cfg, sources)
+    train_ids = {}
+    for name in cfg.weights:
+        ids = read_column(sources[name], "row_id")
+        # rank -> physical row: the stable order of the row ids (as `mix_corpora`'s sort by row id)
+        train_ids[name] = pl.DataFrame({"id": ids}).with_row_index("_row").sort("id", maintain_order=True)["_row"]
+    plan, report = B.mix_plan({n: r.len() for n, r in train_ids.items()}, cfg, seed)
+    n = plan.height
+    bucket = max(BUCKET_ROWS, -(-n // MAX_BUCKETS))
+    plan = plan.with_row_index("_out")
+    schema = corpus_schema().append(pa.field("_out", pa.uint32()))
+    with tempfile.TemporaryDirectory(prefix=".mix-", dir=out_dir) as tmp:
+        writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
+        try:
+            for i, name in enumerate(cfg.weights):
+                rows = train_ids.pop(name)
+                picks = plan.filter(pl.col("_mix_of") == i)
+                picks = pl.DataFrame({"_row": rows.gather(picks["_pos"]), "_out": picks["_out"]}).sort("_row")
+                del rows
+                start = 0
+                for batch in iter_parquet_batches(sources[name], columns=list(B.CORPUS_COLUMNS)):
+                    stop = start + batch.num_rows
+                    lo, hi = picks["_row"].search_sorted(start, "left"), picks["_row"].search_sorted(stop, "left")
+                    if hi > lo:
+                        mine = picks.slice(lo, hi - lo)
+                        taken = pa.Table.from_batches([batch]).cast(corpus_schema()).take(
+                            pa.array((mine["_row"] - start).to_numpy()))
+                        taken = taken.append_column("_out", pa.array(mine["_out"].to_numpy(), pa.uint32()))
+                        for (b,), part in pl.from_arrow(taken).with_columns(
+                                (pl.col("_out") // bucket).alias("_b")).partition_by("_b", as_dict=True).items():
+                            if b not in writers:
+                                writers[b] = pa.ipc.new_stream(Path(tmp) / f"{b:06d}.arrow", schema)
+                            writers[b].write_table(part.drop("_b").to_arrow().cast(schema))
+                    start = stop
+        finally:
+            for w in writers.values():
+                w.close()
+        del plan
+
+        def ordered() -> Iterator[pl.DataFrame]:
+            for b in sorted(writers):
+                with pa.ipc.open_stream(Path(tmp) / f"{b:06d}.arrow") as reader:
+                    part = pl.from_arrow(reader.read_all()).sort("_out")
+                (Path(tmp) / f"{b:06d}.arrow").unlink()
+                yield part.with_columns(pl.format("mix:{}:{}", pl.col("_out"), pl.col("row_id")).alias("row_id"))
+
+        written = write_corpus(ordered(), out_dir, "mix", rows_per_shard)
+    written["report"] = report
+    return written
+
+
+BUCKET_ROWS = 65_536  # mix rows per bucket (one bucket is in memory at a time when the mix is written)
+MAX_BUCKETS = 1024  # open bucket files at most: larger mixes get larger buckets
 
 
 def build_pairs(cfg: DataRecipe, inp: Inputs, item_texts, query_texts, judgments, scores, score_report) -> B.Built:
@@ -380,24 +467,91 @@ def read_shard(spec: ShardSpec, folder: Path, recipe: dict) -> dict[str, Any]:
     return manifest
 
 
-def read_shard_corpus(name: str, spec: ShardSpec, folder: Path, manifest: dict) -> pl.DataFrame | None:
-    """A shard's rows of one corpus (the files its manifest lists, inside the shard folder), checked to be its own."""
+def shard_corpus_files(name: str, folder: Path, manifest: dict) -> list[Path]:
+    """A shard's files of one corpus (those its manifest lists, in its order), checked to be files of the shard."""
     info = manifest["corpora"].get(name) or {}
     files = [folder / f for split_files in info.get("files", {}).values() for f in split_files]
-    if not files:
-        return None
     for f in files:
         if not f.resolve().is_relative_to(folder.resolve()) or not f.is_file():
             raise RecforgeError(f"{folder}/manifest.json: corpus {name} lists {f}, not a file of this shard; rerun this shard")
-    try:
-        frame = pl.read_parquet(files)
-        wrong = frame.height - shard_rows(name, frame, spec).height
-    except (OSError, pl.exceptions.PolarsError) as err:
-        raise RecforgeError(f"{folder}/{name}: unreadable shard corpus ({type(err).__name__}: "
-                            f"{str(err).splitlines()[0][:160] if str(err) else ''}); rerun this shard") from None
-    if wrong:
-        raise RecforgeError(f"{folder}/{name}: {wrong} rows whose group key belongs to another shard")
-    return frame.with_columns(pl.lit(spec.index).alias("_shard"))
+    return files
+
+
+def _unreadable_shard(folder: Path, name: str, err: BaseException) -> RecforgeError:
+    return RecforgeError(f"{folder}/{name}: unreadable shard corpus ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:160] if str(err) else ''}); rerun this shard")
+
+
+def _schema_error(name: str, what: str) -> RecforgeError:
+    return RecforgeError(f"{name}: the shards' corpora do not share one schema ({what}); "
+                         "rerun the shards with one recforge version")
+
+
+class _ShardChecks:
+    """What `--merge` checks of one corpus, over its shards' files, reading a few columns of one file at a time:
+    the row ids (kept: no id in two shards), each row's shard key (in its shard?), one schema, and the doc ids of
+    the cross-shard leakage checks (kept as distinct id sets). The rows themselves are never all in memory."""
+
+    def __init__(self, name: str, manifests: list[dict]):
+        self.name = name
+        self.id_col = "pair_id" if name == "pairs" else "row_id"
+        self.checks = doc_id_checks(name, manifests)
+        self.id_sets = {key: B.IdSets() for key in self.checks}
+        self.ids: list[pl.DataFrame] = []
+        self.schema: dict | None = None
+        self.columns = set(B.PAIRS_COLUMNS if name == "pairs" else B.CORPUS_COLUMNS)
+
+    def add_shard(self, spec: ShardSpec, folder: Path, files: list[Path]) -> None:
+        key_cols = {"pairs": ["anchor_id"], "in_context": ["meta"]}.get(self.name, ["doc_ids"])
+        wanted = {self.id_col, *key_cols}
+        if self.checks:
+            wanted |= {"split", "doc_ids"} | ({"meta"} if self.name == "in_context" else set())
+        ids, wrong = [], 0
+        for f in files:
+            try:
+                parquet = pq.ParquetFile(f)
+                self._check_schema(pl.from_arrow(parquet.schema_arrow.empty_table()).schema)
+                part = pl.from_arrow(parquet.read(columns=sorted(wanted)))
+                wrong += part.height - shard_rows(self.name, part, spec).height
+            except (OSError, pl.exceptions.PolarsError, pa.ArrowException) as err:
+                raise _unreadable_shard(folder, self.name, err) from None
+            ids.append(part.get_column(self.id_col))
+            for key, (relation, _, _) in self.checks.items():
+                rows = part
+                if relation:
+                    rows = part.filter(pl.col("meta").str.json_path_match("$.relation") == relation)
+                self.id_sets[key].add(rows)
+            del part
+        if wrong:
+            raise RecforgeError(f"{folder}/{self.name}: {wrong} rows whose group key belongs to another shard")
+        if ids:
+            self.ids.append(pl.DataFrame({"id": pl.concat(ids)}).with_columns(pl.lit(spec.index).alias("_shard")))
+
+    def _check_schema(self, schema: pl.Schema) -> None:
+        """Every file has the corpus' columns, of one (Polars) type across all the shards' files."""
+        missing = self.columns - set(schema.names())
+        if missing:
+            raise _schema_error(self.name, f"no column {sorted(missing)[0]!r}")
+        types = {c: schema[c] for c in sorted(self.columns)}
+        if self.schema is None:
+            self.schema = types
+        elif types != self.schema:
+            differ = next(c for c in types if types[c] != self.schema[c])
+            raise _schema_error(self.name, f"column {differ!r} is {self.schema[differ]} in one, {types[differ]} in another")
+
+    def check_ids(self) -> None:
+        """No row id in two shards (an id repeated inside one shard is that shard's own business, as before)."""
+        if not self.ids:
+            return
+        ids = pl.concat(self.ids)
+        self.ids = []
+        dup = ids.group_by("id").agg(pl.col("_shard").unique().sort()).filter(pl.col("_shard").list.len() > 1)
+        if dup.height:
+            rid, where = dup.row(0)
+            raise RecforgeError(f"{self.name}: row {rid!r} is in shards {where} ({dup.height} such rows)")
+
+    def leakage(self) -> dict[str, dict]:
+        return {key: self.id_sets[key].leakage(unit, "hash", rule) for key, (_, unit, rule) in self.checks.items()}
 
 
 def merge_shards(cfg: DataRecipe) -> dict[str, Any]:
@@ -423,34 +577,39 @@ def merge_shards(cfg: DataRecipe) -> dict[str, Any]:
 
 def _merge(cfg: DataRecipe, out_dir: Path, shards: list[tuple[ShardSpec, Path]], manifests: list[dict],
            run: RunRecorder) -> dict[str, Any]:
+    """Two passes over the shards' files. First every check, on the id and key columns only; then, only if all
+    passed, each corpus is copied a batch at a time, shard by shard, into out_dir (train rows, then eval rows, in
+    shard order: the rows and order the old in-memory concatenation wrote). Memory follows a batch, the row ids
+    of one corpus and its doc-id sets, not the corpus."""
     (out_dir / "rejects.jsonl").unlink(missing_ok=True)  # the shards' rejects stay in their folders
-    frames, corpora, leakage = {}, {}, {}
+    inputs: dict[str, list[tuple[Path, list[Path]]]] = {}
+    corpora, leakage = {}, {}
     for name in CORPUS_NAMES:
-        parts = [p for (spec, folder), manifest in zip(shards, manifests)
-                 if (p := read_shard_corpus(name, spec, folder, manifest)) is not None]
+        checks = _ShardChecks(name, manifests)
+        parts = []
+        for (spec, folder), manifest in zip(shards, manifests):
+            files = shard_corpus_files(name, folder, manifest)
+            if files:
+                checks.add_shard(spec, folder, files)
+                parts.append((folder, files))
         if not parts:
+            continue
+        checks.check_ids()
+        leakage.update(checks.leakage())
+        inputs[name] = parts
+    if cfg.mix.enabled:  # a mix naming a corpus no shard built fails before anything is written
+        B.check_mix_weights(cfg.mix, mix_pool(dict.fromkeys(inputs)))
+    for name in CORPUS_NAMES:
+        if name not in inputs:
             remove_old_shards(out_dir / name)
             continue
-        try:
-            merged = pl.concat(parts, how="vertical_relaxed")
-        except pl.exceptions.PolarsError as err:
-            raise RecforgeError(f"{name}: the shards' corpora do not share one schema ({type(err).__name__}); "
-                                "rerun the shards with one recforge version") from None
-        id_col = "pair_id" if name == "pairs" else "row_id"
-        dup = merged.group_by(id_col).agg(pl.col("_shard").unique().sort()).filter(pl.col("_shard").list.len() > 1)
-        if dup.height:
-            rid, where = dup.row(0)
-            raise RecforgeError(f"{name}: row {rid!r} is in shards {where} ({dup.height} such rows)")
-        frames[name] = merged.drop("_shard")
-        leakage.update(cross_shard_leakage(name, frames[name], manifests))
-    if cfg.mix.enabled:
-        mix = B.mix_corpora(mix_pool(frames), cfg.mix, cfg.seed)
-        frames["mix"] = mix.frame
-    for name, frame in frames.items():
-        corpora[name] = write_corpus(frame, out_dir, name, cfg.rows_per_shard, pairs=name == "pairs")
+        corpora[name] = write_corpus(_shard_batches(name, inputs[name]), out_dir, name, cfg.rows_per_shard,
+                                     pairs=name == "pairs")
         run.add_output(name, out_dir / name, rows=sum(corpora[name]["rows"].values()))
     if cfg.mix.enabled:
-        corpora["mix"]["report"] = mix.report
+        corpora["mix"] = write_mix({n: corpus_files(out_dir, corpora[n], TRAIN) for n in cfg.mix.weights},
+                                   out_dir, cfg.mix, cfg.seed, cfg.rows_per_shard)
+        run.add_output("mix", out_dir / "mix", rows=sum(corpora["mix"]["rows"].values()))
     failed = {f"shard {m['shard']['index']}: {k}": v for m in manifests
               for k, v in m["splits"]["leakage"].items() if not v.get("ok", True)}
     run.extra.update(
@@ -465,12 +624,27 @@ def _merge(cfg: DataRecipe, out_dir: Path, shards: list[tuple[ShardSpec, Path]],
     return run.finish()
 
 
+MERGE_BATCH_ROWS = 16_384  # rows copied at a time (an in-context row with its documents is a few KB)
+
+
+def _shard_batches(name: str, parts: list[tuple[Path, list[Path]]]) -> Iterator[pl.DataFrame]:
+    """A corpus' rows from its shards' files, shard by shard, file by file, a batch at a time (the writer routes
+    each row to its split's files by its `split` column)."""
+    for folder, files in parts:
+        try:
+            for batch in iter_parquet_batches(files, batch_rows=MERGE_BATCH_ROWS):
+                yield pl.from_arrow(batch)
+        except (OSError, pa.ArrowException) as err:  # reading: the writer's errors are raised where it writes
+            raise _unreadable_shard(folder, name, err) from None
+
+
 # the leakage checks `build_corpora` computes over each row's doc_ids (the others are over anchors or events)
 DOC_ID_CHECKS = ("items", "queries", "field_targets", "in_context/items_by_query", "in_context/queries_by_item")
 
 
-def cross_shard_leakage(name: str, merged: pl.DataFrame, manifests: list[dict]) -> dict[str, dict]:
-    """The shards' hash-split checks over row document ids, recomputed on the merged rows of a corpus.
+def doc_id_checks(name: str, manifests: list[dict]) -> dict[str, tuple[str, str, str | None]]:
+    """The shards' hash-split checks over row document ids that `--merge` recomputes on a corpus' merged rows:
+    key -> (relation or "", id unit, split rule).
 
     (Event checks - user@position, time-split source lines - need no recomputation: every event belongs to one
     group, and every group to one shard, which `merge_shards` verified.)"""
@@ -481,8 +655,5 @@ def cross_shard_leakage(name: str, merged: pl.DataFrame, manifests: list[dict]) 
             continue
         if not isinstance(rep.get("unit"), str):
             raise RecforgeError(f"shard 0's manifest.json: splits.leakage.{key} names no id unit; rerun that shard")
-        frame = merged
-        if relation:
-            frame = merged.filter(pl.col("meta").str.json_path_match("$.relation") == relation)
-        out[key] = B.id_leakage(frame, "doc_ids", rep["unit"], "hash", rep.get("split"))
+        out[key] = (relation, rep["unit"], rep.get("split"))
     return out

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import polars as pl
@@ -65,10 +65,14 @@ PAIRS_COLUMNS = {
 
 @dataclass
 class Built:
-    """A corpus frame (output columns + `split`) and what the manifest should say about it."""
+    """A corpus frame (output columns + `split`) and what the manifest should say about it.
 
-    frame: pl.DataFrame
+    A streamed corpus (`build_in_context_stream`) has no frame: `batches` yields its rows a batch at a time, in
+    the corpus' row order, and `report` is complete once they have all been consumed."""
+
+    frame: pl.DataFrame | None
     report: dict[str, Any] = field(default_factory=dict)
+    batches: Iterable[pl.DataFrame] | None = None
 
 
 def empty_corpus() -> pl.DataFrame:
@@ -112,6 +116,45 @@ def id_leakage(frame: pl.DataFrame, id_col: str, unit: str, method: str, split_r
 
 def _hash_leakage(frame: pl.DataFrame, id_col: str, unit: str, split: SplitConfig, entity: str) -> dict:
     return id_leakage(frame, id_col, unit, "hash", describe(entity, split))
+
+
+class IdSets:
+    """`id_leakage` over a corpus seen a batch at a time: the distinct train and eval ids, kept (ids, not rows)."""
+
+    def __init__(self, id_col: str = "doc_ids"):
+        self.id_col = id_col
+        self.parts: dict[str, list[pl.Series]] = {TRAIN: [], EVAL: []}
+
+    def add(self, frame: pl.DataFrame) -> None:
+        if frame.height == 0:
+            return
+        ids = frame.select(pl.col("split"), pl.col(self.id_col).alias("id"))
+        if isinstance(frame.schema[self.id_col], pl.List):
+            ids = ids.explode("id")
+        for split, parts in self.parts.items():
+            parts.append(ids.filter(pl.col("split") == split).get_column("id").drop_nulls().unique())
+            if len(parts) > 64:  # bounded by the distinct ids, not by the batches seen
+                self.parts[split] = [pl.concat(parts).unique()]
+
+    def distinct(self, split: str) -> pl.Series:
+        parts = self.parts[split]
+        return pl.concat(parts).unique() if parts else pl.Series("id", [], dtype=pl.Utf8)
+
+    def leakage(self, unit: str, method: str, split_rule: str | None = None) -> dict:
+        return leakage_check(self.distinct(TRAIN), self.distinct(EVAL), unit, method, split_rule)
+
+
+def combined_leakage(reports: list[dict]) -> dict:
+    """`leakage_check` reports of disjoint parts (ids of one part never occur in another) -> the whole's report."""
+    first = reports[0]
+    leaked = [x for r in reports for x in r["leaked_examples"]]
+    out = {"unit": first["unit"], "method": first["method"],
+           "train_ids": sum(r["train_ids"] for r in reports), "eval_ids": sum(r["eval_ids"] for r in reports),
+           "eval_ids_in_train": sum(r["eval_ids_in_train"] for r in reports), "leaked_examples": leaked[:5],
+           "ok": all(r["ok"] for r in reports)}
+    if "split" in first:
+        out["split"] = first["split"]
+    return out
 
 
 # ---------------------------------------------------------------- texts
@@ -265,19 +308,34 @@ def links_from_judgments(judgments: pl.DataFrame, min_grade: float) -> pl.DataFr
 
 def links_from_interactions(events: pl.DataFrame, min_label: float | None) -> pl.DataFrame:
     """Positive (query, item) links from search logs: events that carry both a query and an item."""
-    ev = events.filter(pl.col("query_id").is_not_null() & pl.col("item_id").is_not_null())
+    ev = events
+    if events["query_id"].null_count() or events["item_id"].null_count():  # else no copy of the log
+        ev = events.filter(pl.col("query_id").is_not_null() & pl.col("item_id").is_not_null())
     if min_label is not None:
         ev = ev.filter(pl.col("label") >= min_label)
     return ev.select("query_id", "item_id", pl.col("weight").fill_null(1.0), "timestamp", "line")
 
 
-def _chunks(frame: pl.DataFrame, key: str, chunk_rows: int) -> list[pl.DataFrame]:
-    """Partition by a hash of `key` so each part holds whole groups and about `chunk_rows` rows."""
+def _chunks(frame: pl.DataFrame, key: str, chunk_rows: int) -> Iterator[pl.DataFrame]:
+    """Partition by a hash of `key` so each part holds whole groups and about `chunk_rows` rows.
+
+    One part at a time (gathered through one stable sort of the part numbers; parts in the order of their first
+    row, rows in frame order: the parts `partition_by` would give), so the log is not copied into all its parts
+    at once."""
     n = max(1, math.ceil(frame.height / chunk_rows))
     if n == 1:
-        return [frame]
-    parts = frame.with_columns((pl.col(key).hash(seed=17) % n).alias("_chunk")).partition_by("_chunk")
-    return [p.drop("_chunk") for p in parts]
+        yield frame
+        return
+    chunk = frame.get_column(key).hash(seed=17) % n
+    order = pl.DataFrame({"_chunk": chunk}).with_row_index("_i").sort("_chunk", maintain_order=True)
+    sizes = order.group_by("_chunk").len()
+    sizes = sizes.sort("_chunk").with_columns((pl.col("len").cum_sum() - pl.col("len")).alias("_start"))
+    where = {k: (start, size) for k, size, start in sizes.iter_rows()}
+    index = order["_i"]
+    del order, sizes
+    for k in chunk.unique(maintain_order=True).to_list():
+        start, size = where[k]
+        yield frame[index.slice(start, size)]
 
 
 def group_members(links: pl.DataFrame, key: str, member: str, max_group_size: int, chunk_rows: int) -> pl.DataFrame:
@@ -303,21 +361,35 @@ def group_members(links: pl.DataFrame, key: str, member: str, max_group_size: in
 def _greedy_bins(lengths: np.ndarray, new_group: np.ndarray, max_tokens: int, max_docs: int, sep_tokens: int) -> np.ndarray:
     """Greedy packing: a document starts a new row at a new group or when it would overflow the row.
 
-    A sequential scan (the one step a columnar engine cannot express); it touches each document once,
-    over NumPy arrays, after the group-bys have been done in Polars.
+    A sequential scan (the one step a columnar engine cannot express), run only over the groups that do not
+    fit one row: a group whose documents and separators fit `max_tokens` and `max_docs` is one row, found with
+    NumPy sums (most groups of a log: a user's sequence, a small co-click group). The first document starts a
+    group. Returns each document's row number (rows numbered in document order).
     """
-    bins = np.empty(len(lengths), dtype=np.int64)
-    b, used, docs = -1, 0, 0
-    for i in range(len(lengths)):
-        n = int(lengths[i])
-        if new_group[i] or docs >= max_docs or used + sep_tokens + n > max_tokens:
-            b += 1
-            used, docs = n, 1
-        else:
-            used += sep_tokens + n
-            docs += 1
-        bins[i] = b
-    return bins
+    n = len(lengths)
+    if n == 0:
+        return np.empty(0, dtype=np.int64)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    starts = np.flatnonzero(np.asarray(new_group, dtype=bool) | (np.arange(n) == 0))
+    counts = np.diff(np.append(starts, n))
+    totals = np.add.reduceat(lengths, starts) + sep_tokens * (counts - 1)
+    group = np.repeat(np.arange(len(starts)), counts)
+    local = np.zeros(n, dtype=np.int64)  # a document's row within its group
+    rows = np.ones(len(starts), dtype=np.int64)  # rows per group
+    for g in np.flatnonzero((totals > max_tokens) | (counts > max_docs)).tolist():
+        start = int(starts[g])
+        b, used, docs = -1, 0, 0
+        for i, size in enumerate(lengths[start:start + counts[g]].tolist()):
+            if i == 0 or docs >= max_docs or used + sep_tokens + size > max_tokens:
+                b += 1
+                used, docs = size, 1
+            else:
+                used += sep_tokens + size
+                docs += 1
+            local[start + i] = b
+        rows[g] = b + 1
+    first_row = np.cumsum(rows) - rows
+    return first_row[group] + local
 
 
 def pack_groups(members: pl.DataFrame, docs: pl.DataFrame, cfg: InContextCorpus, relation: str,
@@ -357,6 +429,47 @@ def pack_groups(members: pl.DataFrame, docs: pl.DataFrame, cfg: InContextCorpus,
     return as_corpus(rows), missing
 
 
+def pack_in_parts(members: pl.DataFrame, docs: pl.DataFrame, cfg: InContextCorpus, relation: str, sep_tokens: int,
+                  part_rows: int) -> Iterator[tuple[pl.DataFrame, int]]:
+    """`pack_groups` over contiguous ranges of the sorted (split, group) keys, about `part_rows` members each.
+
+    A row never spans two groups, so the parts' rows, concatenated, are exactly (and in the order of) the rows
+    of one `pack_groups` call over all members; each part is sorted and packed on its own."""
+    if members.height <= part_rows:
+        yield pack_groups(members, docs, cfg, relation, sep_tokens)
+        return
+    keys = members.group_by(["split", "group"]).len().sort(["split", "group"])
+    keys = keys.select("split", "group", ((pl.col("len").cum_sum() - pl.col("len")) // part_rows).alias("_part"))
+    tagged = members.join(keys, on=["split", "group"], how="left", nulls_equal=True)
+    parts = tagged.partition_by("_part", as_dict=True, include_key=False)
+    del tagged, members, keys
+    for key in sorted(parts):
+        yield pack_groups(parts.pop(key), docs, cfg, relation, sep_tokens)
+
+
+def user_parts(events: pl.DataFrame, part_rows: int) -> Iterator[pl.DataFrame]:
+    """The events in parts of whole users, about `part_rows` events each, the users in sorted id order.
+
+    Each part is a contiguous range of the sorted user ids, so the user-sequence rows built part by part are,
+    per split, in the order one global sort would give them; each part is sorted on its own (linear in the
+    log, where one sort of 10M events is not). Always yields at least one part (an empty log: itself)."""
+    if events.height <= part_rows:
+        yield events
+        return
+    users = events.group_by("user_id").len().sort("user_id", nulls_last=True)
+    users = users.select("user_id", ((pl.col("len").cum_sum() - pl.col("len")) // part_rows).cast(pl.UInt32).alias("_part"))
+    part = events.select("user_id").join(users, on="user_id", how="left", nulls_equal=True, maintain_order="left")["_part"]
+    order = pl.DataFrame({"_part": part}).with_row_index("_i").sort("_part", maintain_order=True)
+    del part
+    sizes = order.group_by("_part").len().sort("_part")["len"].to_list()
+    index = order["_i"]
+    del order
+    start = 0
+    for size in sizes:
+        yield events[index.slice(start, size)]
+        start += size
+
+
 def split_links(links: pl.DataFrame, member: str, split: SplitConfig) -> tuple[pl.DataFrame, str]:
     """Hash split: by the member's id (no eval entity in a train row). Time split: by the event's time.
 
@@ -387,12 +500,20 @@ def user_sequences(events: pl.DataFrame, min_label: float | None = None) -> pl.D
         "user_id", "item_id", "timestamp", "line")
 
 
-def without_eval_items(seq: pl.DataFrame, split: SplitConfig) -> pl.DataFrame:
+def held_out_items(item_ids: pl.Series, split: SplitConfig) -> pl.Series:
+    """The held-out ones (by the project rule) of these item ids."""
+    ids = item_ids.drop_nulls().unique().to_list()
+    return split_frame(ids, split.item_entity, split).filter(pl.col("split") == EVAL)["id"]
+
+
+def without_eval_items(seq: pl.DataFrame, split: SplitConfig, held: pl.Series | None = None) -> pl.DataFrame:
     """Under a hash split a train row never holds an eval entity, user sequences included: the events of
-    held-out items (by the project rule) leave the train side. Rows marked `split == eval` keep them."""
+    held-out items (by the project rule) leave the train side. Rows marked `split == eval` keep them.
+    `held`: the held-out ids of a superset of seq's items, when known (hashed once for a whole log)."""
     if split.by != "hash" or seq.height == 0:
         return seq
-    held = split_frame(seq["item_id"].unique().to_list(), split.item_entity, split).filter(pl.col("split") == EVAL)["id"]
+    if held is None:
+        held = held_out_items(seq["item_id"], split)
     keep = ~pl.col("item_id").is_in(held.implode())
     if "split" in seq.columns:
         keep = keep | (pl.col("split") == EVAL)
@@ -406,7 +527,7 @@ def _sequence_split(split: SplitConfig) -> str:
 
 
 def sequence_members(events: pl.DataFrame, split: SplitConfig, docs: pl.DataFrame, max_tokens: int,
-                     sep_tokens: int) -> tuple[pl.DataFrame, dict]:
+                     sep_tokens: int, held: pl.Series | None = None) -> tuple[pl.DataFrame, dict]:
     """User-sequence groups with the last `holdout_last` events held out.
 
     Train rows: each user's prefix (the held-out events never appear, nor, under a hash split, held-out
@@ -415,7 +536,7 @@ def sequence_members(events: pl.DataFrame, split: SplitConfig, docs: pl.DataFram
     user, ending with what was held out). The leakage check runs on (user, position) events.
     """
     seq = with_holdout_last(events, split)
-    train = without_eval_items(seq.filter(pl.col("split") == TRAIN), split)
+    train = without_eval_items(seq.filter(pl.col("split") == TRAIN), split, held)
     eval_users = seq.filter(pl.col("split") == EVAL).select("user_id").unique()
     evals = (
         seq.join(eval_users, on="user_id", how="semi")
@@ -443,7 +564,44 @@ def build_in_context(cfg: InContextCorpus, split: SplitConfig, counter: TokenCou
     """CPRM in-context rows for each configured relation; relations without their inputs are reported as skipped.
 
     With a `shard`, each relation keeps the links / events of its own groups before grouping (a row is built
-    from one group only, so a shard's rows are exactly the unsharded run's rows of its groups)."""
+    from one group only, so a shard's rows are exactly the unsharded run's rows of its groups).
+    The whole corpus in one frame: `build_in_context_stream` gives the same rows a batch at a time."""
+    report: dict[str, Any] = {}
+    by_relation: dict[str, list[pl.DataFrame]] = {}
+    for relation, rows in iter_in_context(cfg, split, counter, item_texts, query_texts, judgments, interactions,
+                                          co_engagement, co_engagement_split, shard, report):
+        by_relation.setdefault(relation, []).append(rows)
+    # per relation, the rows sorted by (split, group, part): parts are ranges of groups, each split in group order
+    frames = [parts[0] if len(parts) == 1 else pl.concat(parts).sort("split", maintain_order=True)
+              for parts in by_relation.values()]
+    return Built(pl.concat(frames) if frames else empty_corpus(), report)
+
+
+def build_in_context_stream(cfg: InContextCorpus, split: SplitConfig, counter: TokenCounter, item_texts: pl.DataFrame,
+                            query_texts: pl.DataFrame | None = None, judgments: pl.DataFrame | None = None,
+                            interactions: pl.DataFrame | None = None, co_engagement: pl.DataFrame | None = None,
+                            co_engagement_split: dict | None = None, shard: ShardSpec = ShardSpec()) -> Built:
+    """`build_in_context` as a stream: `batches` yields the rows part by part (each of whole groups), the report
+    fills as they are consumed. Per split, the rows come in `build_in_context`'s order; a writer that routes each
+    batch's rows to their split's files (`CorpusWriter`) writes exactly what `write_corpus(frame)` wrote."""
+    report: dict[str, Any] = {}
+    rows = iter_in_context(cfg, split, counter, item_texts, query_texts, judgments, interactions, co_engagement,
+                           co_engagement_split, shard, report)
+    return Built(None, report, (frame for _, frame in rows))
+
+
+def iter_in_context(cfg: InContextCorpus, split: SplitConfig, counter: TokenCounter, item_texts: pl.DataFrame,
+                    query_texts: pl.DataFrame | None = None, judgments: pl.DataFrame | None = None,
+                    interactions: pl.DataFrame | None = None, co_engagement: pl.DataFrame | None = None,
+                    co_engagement_split: dict | None = None, shard: ShardSpec = ShardSpec(),
+                    report: dict[str, Any] | None = None) -> Iterator[tuple[str, pl.DataFrame]]:
+    """(relation, rows) batches of the in-context corpus, relation by relation; `report` is filled as they go.
+
+    Within a relation the batches are ranges of the sorted (split, group) keys (co-click relations: ranges of about
+    `cfg.chunk_rows` members) or of the sorted user ids (`user_sequence`: about `cfg.chunk_rows` events, each
+    range grouped, split, sorted and packed on its own, so memory follows the range, not the log)."""
+    report = {} if report is None else report
+    report.update(relations={}, splits={})
     sep_tokens = counter.count(cfg.separator)
     item_docs = with_token_counts(item_texts, counter, cfg.max_tokens)
     query_docs = with_token_counts(query_texts, counter, cfg.max_tokens) if query_texts is not None else None
@@ -456,9 +614,9 @@ def build_in_context(cfg: InContextCorpus, split: SplitConfig, counter: TokenCou
     if links_df is not None and links_df.height == 0:
         links_df = None
 
-    frames, report = [], {"relations": {}, "splits": {}}
     for relation in cfg.relations:
         leak = None
+        state = {"groups": 0, "leaks": []}
         if relation in ("items_by_query", "queries_by_item"):
             if links_df is None:
                 report["relations"][relation] = {"skipped": "no positive (query, item) links in judgments or interactions"}
@@ -472,13 +630,15 @@ def build_in_context(cfg: InContextCorpus, split: SplitConfig, counter: TokenCou
             members = group_members(split_df, key, member, cfg.max_group_size, cfg.chunk_rows)
             if method != "hash":
                 leak = event_leakage(split_df, method)
+            del split_df
+            state["groups"] = members.select("split", "group").n_unique()
+            parts = pack_in_parts(members, docs, cfg, relation, sep_tokens, cfg.chunk_rows)
         elif relation == "user_sequence":
             if interactions is None:
                 report["relations"][relation] = {"skipped": "no interactions"}
                 continue
             docs = item_docs
-            members, leak = sequence_members(user_sequences(shard.filter(interactions, "user_id"), cfg.min_label),
-                                             split, docs, cfg.max_tokens, sep_tokens)
+            parts = _user_sequence_parts(shard.filter(interactions, "user_id"), cfg, split, docs, sep_tokens, state)
         else:  # co_engaged_items
             if co_engagement is None:
                 report["relations"][relation] = {"skipped": "no item-item co-engagement scores (needs interactions)"}
@@ -486,15 +646,36 @@ def build_in_context(cfg: InContextCorpus, split: SplitConfig, counter: TokenCou
             docs = item_docs
             members = shard.filter(co_engaged_members(co_engagement, cfg.max_group_size), "group")
             leak = co_engagement_split
-        rows, missing = pack_groups(members, docs, cfg, relation, sep_tokens)
+            state["groups"] = members.select("split", "group").n_unique()
+            parts = pack_in_parts(members, docs, cfg, relation, sep_tokens, cfg.chunk_rows)
+        members = None
         unit = "item_id" if docs is item_docs else "query_id"
         entity = split.item_entity if unit == "item_id" else "query"
-        report["splits"][relation] = leak or _hash_leakage(rows, "doc_ids", unit, split, entity)
-        report["relations"][relation] = {"groups": members.select("split", "group").n_unique(),
-                                         "rows": split_counts(rows), "members_without_text": missing}
-        frames.append(rows)
-    frame = pl.concat(frames) if frames else empty_corpus()
-    return Built(frame, report)
+        ids, counts, missing = IdSets(), {TRAIN: 0, EVAL: 0}, 0
+        for rows, part_missing in parts:
+            missing += part_missing
+            ids.add(rows)
+            for name, n in split_counts(rows).items():
+                counts[name] = counts.get(name, 0) + n
+            yield relation, rows
+        if state["leaks"]:
+            leak = combined_leakage(state["leaks"])
+        report["splits"][relation] = leak or ids.leakage(unit, "hash", describe(entity, split))
+        report["relations"][relation] = {"groups": state["groups"], "rows": counts, "members_without_text": missing}
+
+
+def _user_sequence_parts(events: pl.DataFrame, cfg: InContextCorpus, split: SplitConfig, docs: pl.DataFrame,
+                         sep_tokens: int, state: dict) -> Iterator[tuple[pl.DataFrame, int]]:
+    """User-sequence rows per range of users (`user_parts`); counts groups and collects the parts' leakage
+    reports (over user@position events: disjoint between parts) in `state`."""
+    columns = [c for c in ("user_id", "item_id", "timestamp", "line", "label") if c in events.columns]
+    held = held_out_items(events["item_id"], split) if split.by == "hash" else None
+    for part in user_parts(events.select(columns), cfg.chunk_rows):
+        members, leak = sequence_members(user_sequences(part, cfg.min_label), split, docs, cfg.max_tokens,
+                                         sep_tokens, held)
+        state["groups"] += members.select("split", "group").n_unique()
+        state["leaks"].append(leak)
+        yield pack_groups(members, docs, cfg, "user_sequence", sep_tokens)
 
 
 def co_engaged_members(scores: pl.DataFrame, max_group_size: int) -> pl.DataFrame:
@@ -803,41 +984,73 @@ def replay_corpus(docs: list[Query], split: SplitConfig) -> pl.DataFrame:
     ])
 
 
+def check_mix_weights(cfg: MixCorpus, available) -> None:
+    """The recipe's mix weights name corpora this run builds, each with a weight > 0."""
+    if not cfg.weights:
+        raise RecforgeError("mix.weights: name at least one corpus with a weight, e.g. {in_context: 0.7, replay: 0.3}")
+    for name, weight in cfg.weights.items():
+        if name not in available:
+            raise RecforgeError(f"mix.weights.{name}: no corpus named {name!r} was built in this run "
+                                f"(built: {', '.join(sorted(available)) or 'none'})")
+        if weight <= 0:
+            raise RecforgeError(f"mix.weights.{name}: weights must be > 0, got {weight}")
+
+
+def mix_plan(train_rows: dict[str, int], cfg: MixCorpus, seed: int) -> tuple[pl.DataFrame, dict]:
+    """Which rows the mix takes, in its order: (`_mix_of`: the corpus' index in `cfg.weights`, `_pos`: the row's
+    position among the corpus' train rows sorted by row id), one per mix row, and the ratios report.
+
+    Only the corpora's train row counts enter: Polars' seeded `sample` picks positions from the height, the
+    count and the seed alone, so sampling positions picks exactly the rows sampling the rows would."""
+    check_mix_weights(cfg, train_rows)
+    empty = [n for n in cfg.weights if train_rows[n] == 0]
+    if empty:
+        raise RecforgeError(f"mix.weights: corpus {empty[0]!r} has no train rows to mix")
+    total_w = sum(cfg.weights.values())
+    shares = {n: w / total_w for n, w in cfg.weights.items()}
+    total = cfg.total_rows or int(min(train_rows[n] / s for n, s in shares.items()))
+    parts, counts = [], {}
+    for i, (name, share) in enumerate(shares.items()):
+        want = max(1, round(share * total))
+        height = train_rows[name]
+        positions = pl.DataFrame({"_pos": pl.int_range(height, eager=True, dtype=pl.Int64)})
+        sampled = positions.sample(n=want, with_replacement=want > height, shuffle=True, seed=seed + i)
+        counts[name] = {"weight": cfg.weights[name], "share": round(share, 6), "rows": want,
+                        "available": height, "repeated": want > height}
+        parts.append(sampled.with_columns(pl.lit(i, dtype=pl.UInt32).alias("_mix_of")))
+    plan = pl.concat(parts).sample(fraction=1.0, shuffle=True, seed=seed).select("_mix_of", "_pos")
+    n = plan.height
+    for name in counts:
+        counts[name]["actual_fraction"] = round(counts[name]["rows"] / n, 6)
+    return plan, {"ratios": counts, "rows": n, "seed": seed}
+
+
+def mix_row_ids(frame: pl.DataFrame) -> pl.DataFrame:
+    """Mix rows in mix order -> their row ids `mix:<position>:<source row id>` (unique even where a small corpus
+    was sampled with replacement), in the corpus columns."""
+    ids = pl.format("mix:{}:{}", pl.int_range(pl.len()), pl.col("row_id")).alias("row_id")
+    return as_corpus(frame.with_columns(ids))
+
+
 def mix_corpora(corpora: dict[str, pl.DataFrame], cfg: MixCorpus, seed: int) -> Built:
     """Weighted interleaving of the train rows of several corpora.
 
     Row counts follow the normalised weights. Without `total_rows`, the total is the largest one no
     corpus has to repeat rows for; with it, a corpus too small for its share is sampled with
-    replacement (reported as `repeated`). The interleaved order is a seeded shuffle.
+    replacement (reported as `repeated`). The interleaved order is a seeded shuffle (`mix_plan`; the same
+    rows, a batch at a time, from corpus files: `recforge.data_recipes.build.write_mix`).
     """
-    if not cfg.weights:
-        raise RecforgeError("mix.weights: name at least one corpus with a weight, e.g. {in_context: 0.7, replay: 0.3}")
-    for name, weight in cfg.weights.items():
-        if name not in corpora:
-            raise RecforgeError(f"mix.weights.{name}: no corpus named {name!r} was built in this run "
-                                f"(built: {', '.join(sorted(corpora)) or 'none'})")
-        if weight <= 0:
-            raise RecforgeError(f"mix.weights.{name}: weights must be > 0, got {weight}")
+    check_mix_weights(cfg, corpora)
     # sorted by row id: the sample is a function of the rows, not of their order (a merged sharded run == one run)
-    train = {name: corpora[name].filter(pl.col("split") == TRAIN).sort("row_id") for name in cfg.weights}
-    empty = [n for n, f in train.items() if f.height == 0]
-    if empty:
-        raise RecforgeError(f"mix.weights: corpus {empty[0]!r} has no train rows to mix")
-    total_w = sum(cfg.weights.values())
-    shares = {n: w / total_w for n, w in cfg.weights.items()}
-    total = cfg.total_rows or int(min(train[n].height / s for n, s in shares.items()))
-    parts, counts = [], {}
-    for i, (name, share) in enumerate(shares.items()):
-        want = max(1, round(share * total))
-        frame = train[name]
-        sampled = frame.sample(n=want, with_replacement=want > frame.height, shuffle=True, seed=seed + i)
-        counts[name] = {"weight": cfg.weights[name], "share": round(share, 6), "rows": want,
-                        "available": frame.height, "repeated": want > frame.height}
-        parts.append(sampled.with_columns(pl.lit(name).alias("_mix_of")))
-    mixed = pl.concat(parts).sample(fraction=1.0, shuffle=True, seed=seed)
-    n = mixed.height
-    for name in counts:
-        counts[name]["actual_fraction"] = round(counts[name]["rows"] / n, 6)
-    # row ids stay unique even where a small corpus was sampled with replacement
-    mixed = mixed.with_columns(pl.format("mix:{}:{}", pl.int_range(pl.len()), pl.col("row_id")).alias("row_id"))
-    return Built(as_corpus(mixed.drop("_mix_of")), {"ratios": counts, "rows": n, "seed": seed})
+    train = {name: corpora[name].filter(pl.col("split") == TRAIN).sort("row_id", maintain_order=True)
+             for name in cfg.weights}
+    plan, report = mix_plan({n: f.height for n, f in train.items()}, cfg, seed)
+    offsets, start = [], 0
+    for frame in train.values():
+        offsets.append(start)
+        start += frame.height
+    pool = pl.concat([as_corpus(f) for f in train.values()])
+    where = plan.select(pl.col("_mix_of").replace_strict(list(range(len(offsets))), offsets, return_dtype=pl.Int64)
+                        + pl.col("_pos"))
+    mixed = pool[where.to_series()]
+    return Built(mix_row_ids(mixed), report)

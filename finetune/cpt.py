@@ -186,13 +186,13 @@ def training_arguments(cfg: CPTConfig, out_dir: Path, has_eval: bool):
     t = cfg.training
     return TrainingArguments(
         output_dir=str(out_dir / "checkpoints"),
-        per_device_train_batch_size=t.per_device_batch_size,
-        per_device_eval_batch_size=t.per_device_batch_size,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_train_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
-        num_train_epochs=t.epochs,
+        num_train_epochs=t.num_train_epochs,
         max_steps=t.max_steps,
         learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
+        lr_scheduler_type=t.lr_scheduler_type,
         warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,

@@ -10,13 +10,13 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
-from recforge.config import RecipeModel
+from recforge.config import TRAINING_ARGUMENTS_RENAMED, RecipeModel, WarmupSteps
 
 # Bounds on every number a recipe sets (sft_config.py uses them too): a bad value fails at load with one line
 # naming the key (exit 2), not deep inside the Trainer or, worse, as a run that silently trains on nothing.
 Count = Annotated[int, Field(ge=1)]  # batch sizes, steps between logs / saves / evals, row caps
-Rate = Annotated[float, Field(gt=0, allow_inf_nan=False)]  # learning rate, epochs, source weights
-NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]  # weight decay, warmup, grad-norm clip (0 = off)
+Rate = Annotated[float, Field(gt=0, allow_inf_nan=False)]  # learning rate, num_train_epochs, source weights
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]  # weight decay, grad-norm clip (0 = off)
 Seed = Annotated[int, Field(ge=0)]
 
 
@@ -92,25 +92,32 @@ class TokenSettings(RecipeModel):
 
 
 class TrainingSettings(RecipeModel):
-    max_steps: int = Field(-1, ge=-1)  # > 0 overrides epochs
-    epochs: Rate = 1.0
-    per_device_batch_size: Count = 8
+    """The `training:` keys of CPT and SFT, under Hugging Face `TrainingArguments`' names (passed on as such)."""
+
+    renamed_keys = TRAINING_ARGUMENTS_RENAMED  # an old key (`epochs`...) fails with one line naming the new one
+
+    max_steps: int = Field(-1, ge=-1)  # > 0 overrides num_train_epochs
+    num_train_epochs: Rate = 1.0
+    per_device_train_batch_size: Count = 8  # also per_device_eval_batch_size (the held-out loss)
     gradient_accumulation_steps: Count = 1
     learning_rate: Rate = 2e-4
-    lr_scheduler: str = "cosine"
-    warmup_steps: NonNegative = 0  # int = steps, float in [0, 1) = ratio of total steps
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: WarmupSteps = 0  # int >= 1 = steps, float in [0, 1) = ratio of total steps
     weight_decay: NonNegative = 0.0
     max_grad_norm: NonNegative = 1.0
     logging_steps: Count = 10
-    eval_steps: Count | None = None  # None = evaluate only before and after
     save_steps: Count = 500
     save_total_limit: Count | None = 2
     bf16: bool = False
+    report_to: list[str] = Field(default_factory=list)  # e.g. [wandb]; nothing by default
+
+
+class CPTTrainingSettings(TrainingSettings):
+    eval_steps: Count | None = None  # None = evaluate only before and after
     # lm_head + cross-entropy chunk by chunk, never the full [tokens x vocab] logits (finetune/chunked_loss.py);
     # the same loss and gradients; llama / mistral / qwen2 / qwen3 heads, single process (else the stock loss)
     chunked_loss: bool = False
     dataloader_num_workers: int = Field(0, ge=0)
-    report_to: list[str] = Field(default_factory=list)  # e.g. [wandb]; nothing by default
     # diagnostics: write out_dir/batches.rank<R>.jsonl, the row fingerprints each rank trained on per step
     # (check data sharding across processes, or data order after a resume)
     trace_batches: bool = False
@@ -124,6 +131,6 @@ class CPTConfig(RecipeModel):
     packing: Literal["isolated", "connected", "off"] = "isolated"
     max_length: int = Field(512, ge=8)
     tokens: TokenSettings = Field(default_factory=TokenSettings)
-    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    training: CPTTrainingSettings = Field(default_factory=CPTTrainingSettings)
     seed: Seed = 0
     out_dir: str = "runs/cpt/esci"

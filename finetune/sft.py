@@ -17,6 +17,7 @@ the main process's (`recforge.distributed`), and every rank returns rank 0's met
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections import Counter
@@ -34,7 +35,6 @@ from recforge.splits import describe, entity_key, entity_leakage, is_eval
 from .sft_config import SFTConfig
 
 RELEVANCE_INSTRUCTION = "Grade how relevant the product is to the search query. Answer with one word: {labels}."
-TAGS_INSTRUCTION = "List {n} shelf tags readers would give this book, comma-separated."
 DISTILL_INSTRUCTION = {"tags": "List tags for this item, comma-separated.", "summary": "Summarise this item.",
                        "knowledge": "Describe what a shopper should know about this item.",
                        "pseudo_queries": "Write search queries that should find this item, one per line."}
@@ -67,9 +67,17 @@ def relevance_examples(cfg: SFTConfig, rejects: RejectLog | None = None) -> list
     return out
 
 
-def book_text(b: dict) -> str:
-    year = b.get("original_publication_year")
-    return f"{b['title']} by {', '.join(b.get('authors') or [])}" + (f" ({year})" if year else "")
+@functools.lru_cache(maxsize=1)
+def _shelf_tags_prompt():
+    from recforge.prompts import load_prompt
+
+    return load_prompt("shelf_tags")
+
+
+def tags_prompt(book_id: str, b: dict, n: int) -> str:
+    """The one tags prompt (prompts/shelf_tags.j2): the SFT'd tagger learns what `recforge generate` will ask it."""
+    record = {"title": b["title"], "authors": b.get("authors") or [], "year": b.get("original_publication_year")}
+    return _shelf_tags_prompt().render_user(record, f"book:{book_id}", {"k": n})
 
 
 BOOK_KINDS = {"title": "text", "authors": "list", "tags": "tags"}
@@ -87,7 +95,7 @@ def tags_examples(cfg: SFTConfig, rejects: RejectLog | None = None) -> list[dict
         # one global order: tags most common among the training books first (held-out books not counted)
         freq = Counter(t for bid, _, tags in books if not is_eval("book", bid, cfg.split) for t in tags)
         books = [(bid, b, sorted(tags, key=lambda t: (-freq[t], t))) for bid, b, tags in books]
-    return [_example(f"book:{bid}", f"{TAGS_INSTRUCTION.format(n=d.n_tags)}\nBook: {book_text(b)}",
+    return [_example(f"book:{bid}", tags_prompt(bid, b, d.n_tags),
                      ", ".join(tags[: d.n_tags]), tags[: d.n_tags], "book", bid) for bid, b, tags in books]
 
 
@@ -96,7 +104,7 @@ def book_target_tags(tags: list[dict], reader_shelf_rule: bool) -> list[str]:
     documented reader-shelf rule, i.e. exactly the shelves `recforge eval tags` scores a tagger against
     (reused, not copied, so training targets and the metric can never drift apart)."""
     if reader_shelf_rule:
-        from recforge.generate.tag_eval import book_shelf_tags
+        from recforge.shelf_tags import book_shelf_tags
 
         return book_shelf_tags(tags, top=len(tags))
     return [t["tag_name"] for t in sorted(tags, key=lambda t: -t.get("count", 1))]
@@ -219,16 +227,14 @@ def relevance_metrics(preds: list[str], targets: list[str], labels: list[str]) -
             "parsed": sum(g != "none" for g in got) / max(len(got), 1)}
 
 
-def tag_metrics(preds: list[str], targets: list[list[str]]) -> dict:
-    p = r = 0.0
-    for pred, gold in zip(preds, targets):
-        got, want = set(parse_tags(pred)), {t.lower() for t in gold}
-        hit = len(got & want)
-        p += hit / len(got) if got else 0.0
-        r += hit / len(want) if want else 0.0
-    n = max(len(preds), 1)
-    p, r = p / n, r / n
-    return {"tag_precision": p, "tag_recall": r, "tag_f1": 2 * p * r / (p + r) if p + r else 0.0}
+def tag_metrics(preds: list[str], targets: list[list[str]], k: int = 5) -> dict:
+    """P@k / R@k as `recforge eval tags` computes them (recforge.shelf_tags): one metric for the tagger."""
+    from recforge.shelf_tags import precision_recall_at_k
+
+    pred = {str(i): parse_tags(p) for i, p in enumerate(preds)}
+    truth = {str(i): [t.lower() for t in gold] for i, gold in enumerate(targets) if gold}
+    scores = precision_recall_at_k(pred, truth, k)
+    return {f"precision@{k}": scores[f"precision@{k}"], f"recall@{k}": scores[f"recall@{k}"]}
 
 
 def majority_baseline(cfg: SFTConfig, train: list[dict], evals: list[dict]) -> dict:
@@ -269,7 +275,7 @@ def task_metrics(cfg: SFTConfig, model, tokenizer, evals: list[dict]) -> dict:
     if cfg.task == "relevance":
         metrics = relevance_metrics(preds, targets, list(cfg.relevance.labels.values()))
     elif cfg.task == "tags" or (cfg.distill and cfg.distill.target == "tags"):
-        metrics = tag_metrics(preds, targets)
+        metrics = tag_metrics(preds, targets, cfg.tags.n_tags if cfg.task == "tags" else 5)
     else:
         metrics = {"exact_match": sum(p.strip() == t.strip() for p, t in zip(preds, targets)) / len(preds)}
     metrics["n_eval"] = len(evals)
@@ -332,11 +338,12 @@ def _train(cfg: SFTConfig, out_dir: Path, checkpoint: str | None, run: RunRecord
         output_dir=str(out_dir / "checkpoints"),
         completion_only_loss=True,  # the loss mask: prompt tokens never count
         max_length=cfg.max_length,
-        per_device_train_batch_size=t.per_device_batch_size,
-        per_device_eval_batch_size=t.per_device_batch_size,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_train_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
-        num_train_epochs=t.epochs, max_steps=t.max_steps, learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_steps, logging_steps=t.logging_steps,
+        num_train_epochs=t.num_train_epochs, max_steps=t.max_steps, learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm, logging_steps=t.logging_steps,
         save_steps=t.save_steps, save_total_limit=t.save_total_limit, bf16=t.bf16,
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         report_to=t.report_to or "none", seed=cfg.seed, data_seed=cfg.seed, disable_tqdm=True,
@@ -395,8 +402,8 @@ def _train(cfg: SFTConfig, out_dir: Path, checkpoint: str | None, run: RunRecord
     run.add_output("model", model_dir, mode=cfg.mode)
     run.extra.update({"eval": metrics, "train": {"steps": trainer.state.global_step, "resumed_from": checkpoint,
                                                  "world_size": trainer.args.world_size,
-                                                 "global_batch_size": t.per_device_batch_size * t.gradient_accumulation_steps
-                                                 * trainer.args.world_size}})
+                                                 "global_batch_size": t.per_device_train_batch_size
+                                                 * t.gradient_accumulation_steps * trainer.args.world_size}})
     run.finish()
     return from_main(metrics)
 

@@ -18,7 +18,7 @@ from pydantic import Field
 from recforge.config import RecipeModel
 from recforge.splits import SplitRule
 
-from .cpt_config import Count, LoraSettings, ModelSettings, NonNegative, Rate, Seed
+from .cpt_config import Count, LoraSettings, ModelSettings, Seed, TrainingSettings
 
 
 class RelevanceData(RecipeModel):
@@ -58,21 +58,6 @@ class DistillData(RecipeModel):
     entity: Literal["item", "book"] = "item"  # the split entity of the items' ids (`book` for goodbooks)
 
 
-class SFTTrainingSettings(RecipeModel):
-    max_steps: int = Field(-1, ge=-1)
-    epochs: Rate = 1.0
-    per_device_batch_size: Count = 8
-    gradient_accumulation_steps: Count = 1
-    learning_rate: Rate = 2e-4
-    lr_scheduler: str = "cosine"
-    warmup_steps: NonNegative = 0
-    logging_steps: Count = 10
-    save_steps: Count = 500
-    save_total_limit: Count | None = 2
-    bf16: bool = False
-    report_to: list[str] = Field(default_factory=list)
-
-
 class SFTConfig(RecipeModel):
     task: Literal["relevance", "tags", "distill"]
     model: ModelSettings
@@ -89,6 +74,6 @@ class SFTConfig(RecipeModel):
     max_new_tokens: Count = 24
     # also write `out_dir/merged/` (full model, base dtype, logit parity checked): what generate / vLLM load
     merge: bool = False
-    training: SFTTrainingSettings = Field(default_factory=SFTTrainingSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
     seed: Seed = 0
     out_dir: str = "runs/sft/esci_relevance"

@@ -182,6 +182,7 @@ def _eval_tags(args: argparse.Namespace) -> int:
 
 def add_commands(sub, eval_sub) -> None:
     from recforge.cli import add_recipe_args
+    from recforge.ray_executor import add_ray_args
 
     gen = sub.add_parser("generate", help="mass generation (tags, summaries, queries, knowledge) from a recipe")
     add_recipe_args(gen)
@@ -192,15 +193,7 @@ def add_commands(sub, eval_sub) -> None:
                      help="also retry the failed rows of finished chunks whose failure is deterministic (parse errors, "
                           "truncation, prompt_too_long, render_error); engine-error rows are retried on every resume")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar (figures still go to progress.json)")
-    ray = gen.add_argument_group("Ray executor (pip install 'recforge[ray]')")
-    ray.add_argument("--ray", action="store_true", help="run the --shards N shards as Ray tasks, retried, one progress bar")
-    ray.add_argument("--shards", type=int, default=2, help="with --ray: number of shards (default 2)")
-    ray.add_argument("--address", help="with --ray: the cluster ('auto' inside a Ray cluster; default: start a local one)")
-    ray.add_argument("--cpus-per-shard", type=float, default=1, help="with --ray: CPUs each shard task asks for")
-    ray.add_argument("--gpus-per-shard", type=float, default=None,
-                     help="with --ray: GPUs each shard asks for (default: engine.tensor_parallel_size for vLLM where the cluster has GPUs)")
-    ray.add_argument("--max-shard-retries", type=int, default=2,
-                     help="with --ray: a shard whose worker died or that ended with a problem is resumed this many times")
+    add_ray_args(gen, "run the shards", 2, "engine.tensor_parallel_size for vLLM where the cluster has GPUs")
     gen.add_argument("--allow-partial", action="store_true",
                      help="read a model folder or input file whose producing run (publish, cpt, sft, data) did not "
                           "finish (recorded in the manifest)")

@@ -7,10 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from recforge.config import RecipeModel
-from recforge.splits import EVAL, TRAIN, SplitRule
-
-# generate's names for the two sides of the project split (recforge.splits): `heldout` = its `eval`.
-SPLIT_SIDES = {"heldout": EVAL, "train": TRAIN}
+from recforge.splits import SplitRule
 
 
 class HistoryConfig(RecipeModel):

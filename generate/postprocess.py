@@ -1,4 +1,4 @@
-"""Post-processing: normalise tags, aggregate generations per entity, export the shared features table.
+"""Post-processing: export the shared features table (tag normalisation and aggregation: `recforge.generation_features`).
 
 The features table (`recforge.records.features_schema()`: entity_type, entity_id, tags, summary,
 pseudo_queries, knowledge) is what data_recipes' `reading` builder, finetune's distillation recipe and
@@ -7,108 +7,13 @@ align read. Several runs (tags, summaries, queries, knowledge) merge into one ro
 
 from __future__ import annotations
 
-import json
-import re
-import sys
-import unicodedata
-from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Iterable
 
 from recforge.config import RecforgeError
-
-# Which features column each task fills.
-TASK_COLUMN = {
-    "interest_tags": "tags",
-    "shelf_tags": "tags",
-    "notellm_hashtags": "tags",
-    "notellm_category": "tags",
-    "item_summary": "summary",
-    "pseudo_queries": "pseudo_queries",
-    "kar_item_knowledge": "knowledge",
-    "kar_user_preference": "knowledge",
-}
-
-
-def normalize_tag(tag: str) -> str:
-    """`" Science_Fiction "` -> `science-fiction`, `#YA` -> `ya`: NFKC, lowercase, separators to one hyphen."""
-    t = unicodedata.normalize("NFKC", str(tag)).strip().lower().lstrip("#")
-    t = re.sub(r"[\s_/]+", "-", t)
-    t = re.sub(r"-{2,}", "-", t).strip("-")
-    return t
-
-
-def normalize_tags(tags: Iterable[str], taxonomy_map: dict[str, str] | None = None, drop_unmapped: bool = False) -> list[str]:
-    """Normalised, mapped through an optional taxonomy (variant -> canonical), de-duplicated, order kept."""
-    mapping = {normalize_tag(k): normalize_tag(v) for k, v in (taxonomy_map or {}).items()}
-    out: list[str] = []
-    for tag in tags:
-        t = normalize_tag(tag)
-        if not t:
-            continue
-        if t in mapping:
-            t = mapping[t]
-        elif drop_unmapped and taxonomy_map:
-            continue
-        if t not in out:
-            out.append(t)
-    return out
-
-
-def tags_of(value: Any) -> list[str]:
-    """Tags in a parsed output: a JSON {"tags"|"hashtags": [...]}, or text "a, b, c" (one category = one tag)."""
-    if isinstance(value, str):
-        return [t for t in value.split(",") if t.strip()]
-    if isinstance(value, dict):
-        for key in ("tags", "hashtags", "categories"):
-            if key in value:
-                return list(value[key])
-    return []
-
-
-def knowledge_text(value: Any) -> str:
-    """KAR outputs ({"knowledge"|"preferences": [{factor, text}]}) -> one text, "factor: text" per line."""
-    if isinstance(value, dict):
-        for key in ("knowledge", "preferences"):
-            if key in value:
-                return "\n".join(f"{e.get('factor', '')}: {e.get('text', '')}".strip() for e in value[key])
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-
-
-def aggregate(rows: list[dict], taxonomy_map: dict | None = None, drop_unmapped: bool = False, max_tags: int = 10) -> dict[tuple, dict]:
-    """Generation rows (of one or more runs) -> one features record per (entity_type, entity_id).
-
-    Tags from several samples or runs are voted: ordered by how many outputs name them, then by first rank.
-    """
-    votes: dict[tuple, Counter] = defaultdict(Counter)
-    first_rank: dict[tuple, dict[str, int]] = defaultdict(dict)
-    feats: dict[tuple, dict] = {}
-    for row in rows:
-        key = (row["entity_type"] or "item", row["id"])
-        f = feats.setdefault(key, {"entity_type": key[0], "entity_id": key[1], "tags": [], "summary": None, "pseudo_queries": [], "knowledge": None})
-        column = TASK_COLUMN.get(row["task"])
-        values = [json.loads(v) for v in (row.get("outputs") or [row["output"]])]
-        if column == "tags":
-            for v in values:
-                for rank, t in enumerate(normalize_tags(tags_of(v), taxonomy_map, drop_unmapped)):
-                    votes[key][t] += 1
-                    first_rank[key].setdefault(t, len(first_rank[key]) * 100 + rank)
-        elif column == "summary":
-            f["summary"] = str(values[0])
-        elif column == "pseudo_queries":
-            seen = list(f["pseudo_queries"])
-            for v in values:
-                for q in (v.get("queries", []) if isinstance(v, dict) else []):
-                    q = " ".join(str(q).split())
-                    if q and q.lower() not in {s.lower() for s in seen}:
-                        seen.append(q)
-            f["pseudo_queries"] = seen
-        elif column == "knowledge":
-            f["knowledge"] = knowledge_text(values[0])
-    for key, counter in votes.items():
-        ranked = sorted(counter, key=lambda t: (-counter[t], first_rank[key][t]))
-        feats[key]["tags"] = ranked[:max_tags]
-    return feats
+# Tag normalisation, aggregation and reading a run back are shared with align (pseudo-filter, CTR judgement), so
+# they live in the core; imported from here by generate's own callers (cli, tag_eval).
+from recforge.generation_features import TASK_COLUMN, aggregate, normalize_tag, normalize_tags  # noqa: F401
+from recforge.generations import read_run_outputs
 
 
 def load_taxonomy_map(path: str | None) -> dict[str, str] | None:
@@ -124,62 +29,6 @@ def load_taxonomy_map(path: str | None) -> dict[str, str] | None:
     if not isinstance(data, dict):
         raise RecforgeError(f"{path}: a taxonomy map is a YAML/JSON mapping variant -> canonical tag")
     return {str(k): str(v) for k, v in data.items()}
-
-
-def read_run_outputs(run_dir: str | Path, allow_partial: bool = False, notes: list[str] | None = None):
-    """A generate run's output rows (`runner.read_generations`), after checking every shard opens and has the
-    output columns (a broken shard is a one-line error naming it, not a pyarrow traceback) and that the run
-    finished (`check_run_finished`; with `allow_partial` its notes are appended to `notes`)."""
-    import pyarrow.parquet as pq
-
-    from recforge.generate.runner import output_schema, read_generations, shard_files
-
-    d = Path(run_dir)
-    want = set(output_schema().names)
-    for f in shard_files(d) + [f for sub in sorted(d.glob("shard-*")) for f in shard_files(sub)]:
-        try:
-            names = set(pq.read_schema(f).names)
-        except Exception as err:  # pyarrow raises several types for a broken or empty file
-            raise RecforgeError(f"{f}: not a readable Parquet shard ({type(err).__name__})") from None
-        if not want <= names:
-            raise RecforgeError(f"{f}: not a generate output shard, missing columns {sorted(want - names)}")
-    found = check_run_finished(d, allow_partial)
-    if notes is not None:
-        notes.extend(found)
-    return read_generations(d)
-
-
-def check_run_finished(run_dir: str | Path, allow_partial: bool = False) -> list[str]:
-    """Refuse a generate run that did not finish, in one line naming it; with `allow_partial`, warn and return
-    what is unfinished (for the consumer's manifest).
-
-    Every folder holding shards (the run folder, or each `shard-IIIII-of-NNNNN` of a sharded run) needs the
-    manifest of a finished run (`recforge.runstate.require_complete`): a folder with shards and no manifest
-    was killed before its first manifest write. A sharded run needs all N of its shard folders."""
-    from recforge.runstate import read_manifest, require_complete
-
-    d = Path(run_dir)
-    notes: list[str] = []
-
-    def unfinished(text: str) -> None:
-        if not allow_partial:
-            raise RecforgeError(f"{text}; rerun it to completion, or pass --allow-partial to read it as it is")
-        print(f"recforge: warning: {text}; read anyway (--allow-partial)", file=sys.stderr)
-        notes.append(text)
-
-    shard_dirs = sorted(p for p in d.glob("shard-*-of-*") if p.is_dir())
-    for folder in [d, *shard_dirs]:
-        if read_manifest(folder) is not None:
-            note = require_complete(folder, "generate run", allow_partial)
-            notes.extend([note] if note else [])
-        elif (folder / "shards").is_dir():
-            unfinished(f"generate run {folder} holds shards but no manifest.json (killed before its first manifest write)")
-    counts = {int(p.name.rsplit("-", 1)[1]) for p in shard_dirs if p.name.rsplit("-", 1)[1].isdigit()}
-    for n in sorted(counts):
-        missing = [i for i in range(n) if not (d / f"shard-{i:05d}-of-{n:05d}").is_dir()]
-        if missing:
-            unfinished(f"generate run {d}: shard folder(s) {missing[:5]} of {n} are missing (not run yet)")
-    return notes
 
 
 def export_features(run_dirs: list[str], out_path: str, taxonomy_map: str | None = None, drop_unmapped: bool = False,

@@ -41,35 +41,17 @@ from typing import Any
 
 from recforge.config import RecforgeError
 from recforge.generate.engine import GenerationRequest, Sampling, constraint_from_output
-from recforge.generate.generate_config import SPLIT_SIDES, GenerateConfig
+from recforge.generate.generate_config import GenerateConfig
 from recforge.generate.parsing import ParseError, parse_output
 from recforge.shards import ShardSpec
-from recforge.splits import DEFAULT_RULE, split_of, stable_hash
+from recforge.splits import DEFAULT_RULE, SIDES, split_of, stable_hash
 from recforge.io import atomic_write_json, resolve_path, write_parquet_atomic
+# The shard layout is read back by other stages too, so it lives in the core (imported here for generate's callers).
+from recforge.generations import output_schema, read_generations, shard_files  # noqa: F401
 
 NO_RETRY = ("prompt_too_long", "render_error")  # deterministic: another attempt gives the same
 # No completion was ever produced for these reasons, so a later retry starts again at attempt 0.
 NO_COMPLETION = ("engine_error", *NO_RETRY)
-
-
-def output_schema():
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            ("id", pa.string()),
-            ("entity_type", pa.string()),
-            ("task", pa.string()),
-            ("output", pa.string()),  # JSON of the first valid completion's value
-            ("outputs", pa.list_(pa.string())),  # JSON of every valid completion (n > 1)
-            ("raw", pa.string()),
-            ("finish_reason", pa.string()),
-            ("attempts", pa.int32()),
-            ("seed", pa.int64()),
-            ("prompt_tokens", pa.int32()),
-            ("completion_tokens", pa.int32()),
-        ]
-    )
 
 
 # ------------------------------------------------------------------ inputs
@@ -79,7 +61,7 @@ def read_records(cfg: GenerateConfig, rejects_path: Path) -> list[tuple[str, dic
     """(id, record) pairs in input order, after split and limit."""
     inp = cfg.input
     if inp.kind == "items":
-        from recforge.data_recipes.readers import RejectLog, SourceConfig, read_items
+        from recforge.readers import RejectLog, SourceConfig, read_items
 
         src = SourceConfig(path=inp.path, format=inp.format, id=inp.id, fields=inp.fields)
         rejects = RejectLog(path=rejects_path)
@@ -93,7 +75,7 @@ def read_records(cfg: GenerateConfig, rejects_path: Path) -> list[tuple[str, dic
         if inp.history is not None:
             pairs = _attach_history(pairs, inp.history, rejects_path)
     if inp.split != "all":
-        pairs = [(i, r) for i, r in pairs if split_of(inp.entity, i, cfg.split) == SPLIT_SIDES[inp.split]]
+        pairs = [(i, r) for i, r in pairs if split_of(inp.entity, i, cfg.split) == SIDES[inp.split]]
     if inp.limit:
         pairs = pairs[: inp.limit]
     return pairs
@@ -148,31 +130,29 @@ def _attach_history(pairs, h, rejects_path: Path) -> list[tuple[str, dict]]:
 # ------------------------------------------------------------------ model + engine
 
 
-def resolve_model(cfg: GenerateConfig, allow_partial: bool = False) -> dict[str, Any]:
+def resolve_generation_model(cfg: GenerateConfig, allow_partial: bool = False) -> dict[str, Any]:
     """The model actually used: name_or_path, or the fallback where it is a missing local path.
 
     An adapter-only folder (adapter_config.json, no config.json) is served as base + adapter. A local folder
     must come from a finished run (`require_complete`: an unfinished publish / cpt / sft is refused unless
     `allow_partial`, whose note is returned in `partial`) and hold safetensors weights, never pickles only.
     """
-    from recforge.models import resolve_model as resolve_alias
+    from recforge.models import check_model_folder, resolve_model
 
     m = cfg.model
-    name, note = resolve_alias(m.name_or_path), None
+    name, note = resolve_model(m.name_or_path), None
     # A hub id is "org/name"; a path has a leading ./ / ~ runs/ or several slashes.
     path_like = name.startswith((".", "/", "~", "runs/")) or name.count("/") >= 2
     if path_like and not resolve_path(name).exists():
         if not m.fallback:
             raise RecforgeError(f"model.name_or_path: {name} does not exist (and no model.fallback is set)")
         note = f"{name} does not exist; using model.fallback {m.fallback}"
-        name = resolve_alias(m.fallback)
+        name = resolve_model(m.fallback)
     adapter = m.adapter
     p = resolve_path(name)
     if p.is_dir() and (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():
         base = json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"]
         adapter, name = str(p), base
-    from recforge.models import check_model_folder
-
     partial = [n for n in (check_model_folder(name, "model.name_or_path", m.trust_remote_code, allow_partial),
                            check_model_folder(adapter, "model.adapter", m.trust_remote_code, allow_partial) if adapter else None) if n]
     return {"name_or_path": name, "adapter": adapter, "note": note, "revision": m.revision, "partial": partial or None}
@@ -302,7 +282,11 @@ class GenerationRun:
         self.output_spec = self.template.output_for(self.variables)
         self.constraint = constraint_from_output(self.output_spec)
         self.sampling = effective_sampling(cfg, self.template.spec)
-        self.model = resolve_model(cfg, allow_partial)
+        # Several chunks per engine call pay off on vLLM only (it schedules them together); the transformers engine
+        # runs its batches one after the other anyway, so it gets one chunk a call and writes each as it finishes
+        # (at 512 rows a call, a 293-row Qwen shard wrote nothing for 40 min, and a kill would have lost it all).
+        self.submit_rows = cfg.submit_rows if cfg.engine.kind == "vllm" else min(cfg.submit_rows, cfg.chunk_size)
+        self.model = resolve_generation_model(cfg, allow_partial)
         self.partial = (self.model["partial"] or []) + self.unfinished_inputs(allow_partial)
         self.stats = {"rows_done": 0, "rows_failed": 0, "completion_tokens": 0, "prompt_tokens": 0}
         self.done: set[int] = set()
@@ -511,7 +495,7 @@ class GenerationRun:
 
     def run_chunks(self, engine, chunks: list[list], todo: list[int], failed_log) -> None:
         """Chunks not done yet, several per engine call (`submit_rows`); their shards are written one by one, in order."""
-        for batch in submission_batches(todo, chunks, self.cfg.submit_rows):
+        for batch in submission_batches(todo, chunks, self.submit_rows):
             ok, failed = self.generate_rows(engine, [r for k in batch for r in chunks[k]], {})
             for k in batch:
                 if self.streak_reached(chunks[k], failed):
@@ -535,8 +519,8 @@ class GenerationRun:
         Order of writes: the rows that now succeed go to a new retry shard of their chunk first, then
         failed.jsonl is rewritten without them (both atomic); `reconcile` repairs a kill in between.
         """
-        for b in range(0, len(picks), self.cfg.submit_rows):
-            batch = picks[b : b + self.cfg.submit_rows]
+        for b in range(0, len(picks), self.submit_rows):
+            batch = picks[b : b + self.submit_rows]
             rows = [(f["id"], rec) for f, rec in batch]
             # Rows that never got a completion start again at attempt 0, exactly as an uninterrupted run; rows whose
             # completions failed validation continue their attempt count, so they draw new seeds.
@@ -739,20 +723,3 @@ def run_problem(manifest: dict[str, Any]) -> str | None:
         return (f"failure rate {f['rate']:.1%} ({f['rows']} of {manifest['input_rows']} rows) is over "
                 f"max_failure_rate={f['max_failure_rate']}; the failed rows and their reasons are in {f['path']}")
     return None
-
-
-def shard_files(out: str | Path) -> list[Path]:
-    """One output folder's shards: first-pass parts, then retry shards."""
-    d = Path(out) / "shards"
-    return sorted(d.glob("part-*.parquet")) + sorted(d.glob("retry-*.parquet"))
-
-
-def read_generations(run_dir: str | Path):
-    """All output rows of a run (every shard folder under it too, retry shards included) as a pyarrow Table."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    files = shard_files(run_dir) + [f for sub in sorted(Path(run_dir).glob("shard-*")) for f in shard_files(sub)]
-    if not files:
-        raise RecforgeError(f"{run_dir}: no generation shards (shards/part-*.parquet) found")
-    return pa.concat_tables([pq.read_table(f, schema=output_schema()) for f in files])

@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import inspect
 import json
+import os
 from pathlib import Path
 
 from recforge.config import RecforgeError
@@ -117,6 +118,8 @@ class VLLMEngine:
         self.version = getattr(vllm, "__version__", "unknown")
         cpu = on_cpu()
         self.cpu = cpu
+        if cpu:  # one engine step on a busy 2-core host took over vLLM's 300 s default and killed the engine
+            os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")
         kwargs = dict(
             model=model,
             revision=revision,

@@ -86,9 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser = sub.add_parser("eval", help="evaluate outputs (tags, retrieval, ctr)")
     eval_sub = eval_parser.add_subparsers(dest="eval_command", required=True)
     _add_model_commands(sub)
-    from recforge.demo_summary import add_command as add_demo_summary
-
-    add_demo_summary(sub)
     for module_name in STAGE_CLIS:
         try:
             module = importlib.import_module(module_name)

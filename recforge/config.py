@@ -7,10 +7,11 @@ Every stage defines its own config models (TRL style: one `*_config.py` per mode
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class RecforgeError(Exception):
@@ -110,9 +111,45 @@ def short_repr(value: Any, limit: int = 80) -> str:
 
 
 class RecipeModel(BaseModel):
-    """Base for every config model: unknown keys are errors, values are validated on assignment."""
+    """Base for every config model: unknown keys are errors, values are validated on assignment.
+
+    `renamed_keys` ({old: new}) lists keys a later version renamed: an old key fails with one line naming the
+    new one (`training.epochs was renamed training.num_train_epochs`), not as a bare "unknown key".
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    renamed_keys: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_renamed_keys(cls, data: Any) -> Any:
+        if cls.renamed_keys and isinstance(data, dict):
+            old = [k for k in data if k in cls.renamed_keys]
+            if old:
+                renamed = [(k, cls.renamed_keys[k]) for k in old]
+                raise PydanticCustomError("renamed_key", "; ".join(f"{k} was renamed {new}" for k, new in renamed),
+                                          {"renamed": renamed})
+        return data
+
+
+# Training settings take Hugging Face `TrainingArguments`' names wherever a key means the same thing (CPT, SFT,
+# align): the keys these stages spelled otherwise, old -> new. Values carry over unchanged (a float warmup_steps
+# below 1 is a ratio of the total steps, as transformers 5 reads it: it deprecated warmup_ratio).
+TRAINING_ARGUMENTS_RENAMED = {"epochs": "num_train_epochs", "per_device_batch_size": "per_device_train_batch_size",
+                              "batch_size": "per_device_train_batch_size", "warmup_ratio": "warmup_steps",
+                              "lr_scheduler": "lr_scheduler_type"}
+
+
+def _steps_or_ratio(value: float) -> int | float:
+    if value >= 1:
+        if not float(value).is_integer():
+            raise ValueError("a number of steps (an integer >= 1) or a ratio of the total steps in [0, 1)")
+        return int(value)
+    return value
+
+
+# transformers 5's warmup_steps: an integer >= 1 = steps, a float in [0, 1) = ratio of the total training steps
+WarmupSteps = Annotated[float, Field(ge=0, allow_inf_nan=False), AfterValidator(_steps_or_ratio)]
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -157,6 +194,10 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"]
+        if e["type"] == "renamed_key":  # `training.epochs was renamed training.num_train_epochs`
+            prefix = key + "." if e["loc"] else ""
+            problems += [f"{prefix}{old} was renamed {prefix}{new}" for old, new in e["ctx"]["renamed"]]
+            continue
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         given = e.get("input")

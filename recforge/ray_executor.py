@@ -39,6 +39,19 @@ class ShardOutcome:
     history: list[str] = field(default_factory=list)
 
 
+def add_ray_args(parser, what: str, shards_default: int | None, gpus_default: str) -> None:
+    """The `--ray` flags every mass job (generate, embed) takes, in one group."""
+    ray = parser.add_argument_group("Ray executor (pip install 'recforge[ray]')")
+    ray.add_argument("--ray", action="store_true", help=f"{what} as --shards N Ray tasks, retried, one progress bar")
+    ray.add_argument("--shards", type=int, default=shards_default, help="with --ray: number of shards (default 2)")
+    ray.add_argument("--address", help="with --ray: the cluster ('auto' inside a Ray cluster; default: start a local one)")
+    ray.add_argument("--cpus-per-shard", type=float, default=1, help="with --ray: CPUs each shard task asks for")
+    ray.add_argument("--gpus-per-shard", type=float, default=None,
+                     help=f"with --ray: GPUs each shard asks for (default: {gpus_default})")
+    ray.add_argument("--max-shard-retries", type=int, default=2,
+                     help="with --ray: a shard whose worker died or that ended with a problem is resumed this many times")
+
+
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Connect to a cluster (`address`: 'auto', 'ray://host:10001') or start a local one (`num_cpus` there)."""
     try:

@@ -23,7 +23,8 @@ work on interaction logs (group-bys, joins) happens afterwards in Polars, on the
 Every stage reads through this module (data_recipes, finetune, generate, align): `read_items`,
 `read_queries`, `read_judgments`, `read_interactions`, `read_item_tags` for typed records, and
 `read_records` for rows kept as they are (nested values such as a user's history or a book's tag list),
-with declared field types checked. `recforge.data_recipes.readers` re-exports this module.
+with declared field types checked, and `features_table` for generate-export's features table (one unit: a bad
+table is an error, not rejects). `recforge.data_recipes.readers` re-exports this module.
 """
 
 from __future__ import annotations
@@ -699,28 +700,83 @@ def read_records(src: SourceConfig, rejects: RejectLog, name: str, kinds: dict[s
     return _dedupe(_convert_rows(src, rejects, name, required, convert), rejects, path, name)
 
 
-def read_features_table(path: str, key: str) -> list[dict]:
-    """generate's features table (Parquet, `recforge.records.features_schema()`) as rows.
+# The features table's list columns (`recforge.records.features_schema()`).
+FEATURES_LIST_COLUMNS = ("tags", "pseudo_queries")
 
-    A file that does not open, lacks `entity_id`, or whose list columns (`tags`, `pseudo_queries`) hold
+
+def features_table(path: str, key: str, fmt: Format = "auto", rename: dict[str, str] | None = None,
+                   required: tuple[str, ...] = ("entity_id",)):
+    """generate-export's features table (`recforge.records.features_schema()`) as a pyarrow Table: the one reader
+    of it. `path` is a Parquet file, a folder of them (read together, columns unified) or a JSONL[.gz] file.
+
+    `rename` maps a file's own column names to the table's (a recipe's field mapping) before the checks. A file
+    that does not open, lacks a `required` column, or whose list columns (`tags`, `pseudo_queries`) hold
     something else is a one-line error naming `key` and the file (the table is one unit, not rows to quarantine).
+    The consumer checks that its producer finished (`recforge.runstate.require_complete`) where it reads it.
     """
     import pyarrow as pa
+
+    tables = [_features_file(f, key, fmt) for f in _features_files(path, key)]
+    table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+    if rename:
+        table = table.rename_columns([rename.get(c, c) for c in table.column_names])
+    _check_features_columns(table, path, key, required)
+    return table
+
+
+def read_features_table(path: str, key: str) -> list[dict]:
+    """generate's features table (`features_table`) as rows."""
+    return features_table(path, key).to_pylist()
+
+
+def _check_features_columns(table, path: str, key: str, required: tuple[str, ...]) -> None:
+    import pyarrow as pa
+
+    for column in required:
+        if column not in table.column_names:
+            raise RecforgeError(f"{key}: {path}: not a features table, no column {column!r} "
+                                f"(recforge.records.features_schema(); columns: {table.column_names})")
+    for column in FEATURES_LIST_COLUMNS:
+        if column not in table.column_names:
+            continue
+        kind = table.schema.field(column).type
+        # a JSONL file read through Polars gives large lists, or null where no row has a value
+        if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_null(kind)):
+            raise RecforgeError(f"{key}: {path}: column {column!r} must be a list of strings, got {kind}")
+
+
+def _features_files(path: str, key: str) -> list[Path]:
+    root = resolve_path(path)
+    if root.is_dir():
+        files = sorted(root.glob("**/*.parquet"))
+        if not files:
+            raise RecforgeError(f"{key}: no .parquet file in {root} (expected generate-export's features table)")
+        return files
+    if not root.is_file():
+        raise RecforgeError(f"{key}: file not found: {path}")
+    return [root]
+
+
+def _features_file(path: Path, key: str, fmt: Format):
+    """One features file as a pyarrow Table: JSONL[.gz] by its name or `fmt`, Parquet otherwise."""
     import pyarrow.parquet as pq
 
-    fpath = resolve_path(path)
-    if not fpath.is_file():
-        raise RecforgeError(f"{key}: file not found: {path}")
+    name = path.name.lower().removesuffix(".gz")
+    jsonl = fmt == "jsonl" or (fmt == "auto" and name.endswith((".jsonl", ".ndjson", ".json")))
     try:
-        table = pq.read_table(fpath)
-    except Exception as err:  # pyarrow raises several types for a broken or empty file
-        raise RecforgeError(f"{key}: {path}: not a readable Parquet file ({type(err).__name__})") from None
-    if "entity_id" not in table.column_names:
-        raise RecforgeError(f"{key}: {path}: not a features table, no column 'entity_id' (recforge.records.features_schema())")
-    for column in ("tags", "pseudo_queries"):
-        if column in table.column_names and not pa.types.is_list(table.schema.field(column).type):
-            raise RecforgeError(f"{key}: {path}: column {column!r} must be a list of strings, got {table.schema.field(column).type}")
-    return table.to_pylist()
+        return _jsonl_table(path) if jsonl else pq.read_table(path)
+    except Exception as err:  # pyarrow, gzip and json raise several types for a broken or empty file
+        kind = "JSONL" if jsonl else "Parquet"
+        raise RecforgeError(f"{key}: {path}: not a readable {kind} file ({type(err).__name__})") from None
+
+
+def _jsonl_table(path: Path):
+    """A JSONL[.gz] file as a table; Polars infers each column's type from every row, not the first one."""
+    import polars as pl
+
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return pl.DataFrame([json.loads(line) for line in f if line.strip()], infer_schema_length=None).to_arrow()
 
 
 def read_esci(paths: tuple[str, str, str], keys: tuple[str, str, str], rejects: RejectLog

@@ -26,6 +26,11 @@ from pydantic import Field
 from recforge.config import RecipeModel
 
 TRAIN, EVAL = "train", "eval"
+# The one vocabulary. The rule has two sides, `train` and `eval`; user-facing keys that choose a side (generate's
+# `input.split`, `eval tags --split`, align's `eval.eval_on`) call the eval side `heldout`. A stage that needs
+# early stopping carves `valid` out of the train side (align: validation queries, CTR: validation users), never
+# out of eval; the CTR bridge's `test` users are the eval side.
+SIDES = {"heldout": EVAL, "eval": EVAL, "train": TRAIN}
 Entity = Literal["query", "item", "user", "book", "doc"]
 ENTITIES: tuple[str, ...] = ("query", "item", "user", "book", "doc")
 

@@ -138,8 +138,8 @@ def test_notellm_recipe_learns_to_generate_tags_and_exports_plain_st(tiny_model_
     write_parquet_atomic(pairs_table(book_tag_pairs(80, n_eval=10)), tmp_path / "pairs.parquet")
     cfg = load_recipe(AlignConfig, REPO / "align/recipes/goodbooks_notellm.yaml",
                       [f"backbone.path={tiny_model_dir}", f"out_dir={tmp_path / 'run'}", f"data.pairs_path={tmp_path / 'pairs.parquet'}",
-                       "loss.generation_weight=0.5", "train.epochs=3", "eval.compare_base=false", "data.kinds=[item_tag]",
-                       "loss.generation.targets_path=null", "backbone.max_seq_length=32", "train.batch_size=16"])
+                       "loss.generation_weight=0.5", "train.num_train_epochs=3", "eval.compare_base=false", "data.kinds=[item_tag]",
+                       "loss.generation.targets_path=null", "backbone.max_seq_length=32", "train.per_device_train_batch_size=16"])
     out = run_align(cfg)
     train = out["train"]
     assert train["generation_rows_with_targets"] == train["train_rows"]  # every item_tag row has its book's tags

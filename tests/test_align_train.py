@@ -56,7 +56,7 @@ def test_tiny_lm_align_end_to_end_export_loads_in_plain_st(tiny_model_dir, tmp_p
     """Fast end-to-end: a few steps on a causal LM, export, reload without recforge, same vectors."""
     from recforge.align.trainer import run_align
 
-    cfg = tiny_recipe(tiny_model_dir, tmp_path / "run", "train.epochs=1", "train.batch_size=16",
+    cfg = tiny_recipe(tiny_model_dir, tmp_path / "run", "train.num_train_epochs=1", "train.per_device_train_batch_size=16",
                       "data.max_train_pairs=64", "backbone.max_seq_length=24")
     out = run_align(cfg)
     assert out["train"]["steps"] == 4
@@ -112,7 +112,7 @@ def test_lora_run_exports_a_merged_model(tiny_model_dir, tmp_path):
     from recforge.align.trainer import run_align
 
     cfg = tiny_recipe(tiny_model_dir, tmp_path / "run", "backbone.lora=true", "backbone.lora_r=16",
-                      "train.epochs=2", "train.learning_rate=3e-3", "pooling.mode=compression")
+                      "train.num_train_epochs=2", "train.learning_rate=3e-3", "pooling.mode=compression")
     out = run_align(cfg)
     export = tmp_path / "run" / "model"
     assert not (export / "adapter_config.json").exists()
@@ -178,7 +178,7 @@ def test_multi_kind_larr_training_on_pairs_file(tiny_model_dir, tmp_path):
     write_parquet_atomic(pairs_table(rows), tmp_path / "pairs.parquet")
     cfg = load_recipe(AlignConfig, REPO / "align/recipes/goodbooks_larr.yaml",
                       [f"backbone.path={tiny_model_dir}", f"out_dir={tmp_path / 'run'}", f"data.pairs_path={tmp_path / 'pairs.parquet'}",
-                       "backbone.max_seq_length=24", "train.batch_size=16", "loss.kind_weights={query_item: 1.0, item_item: 0.3}"])
+                       "backbone.max_seq_length=24", "train.per_device_train_batch_size=16", "loss.kind_weights={query_item: 1.0, item_item: 0.3}"])
     out = run_align(cfg)
     assert out["train"]["kinds"] == {"item_item": 64, "query_item": 64}
     assert out["train"]["steps"] == 8
@@ -204,7 +204,7 @@ def test_device_auto_dtype_and_gradient_checkpointing(tiny_model_dir, tmp_path):
         load_recipe(AlignConfig, REPO / "align/recipes/esci_minilm.yaml", ["device=gpu0"])
 
     cfg = tiny_recipe(tiny_model_dir, tmp_path / "run", "backbone.dtype=bfloat16", "backbone.gradient_checkpointing=true",
-                      "train.max_steps=2", "train.batch_size=8", "backbone.max_seq_length=16")
+                      "train.max_steps=2", "train.per_device_train_batch_size=8", "backbone.max_seq_length=16")
     model, info = build_embedding_model(cfg.backbone, cfg.pooling, cache_root=str(tmp_path))
     lm = model[0].auto_model
     assert lm.dtype == torch.bfloat16
@@ -222,7 +222,7 @@ def test_bf16_trained_align_exports_the_vectors_it_evaluates(tiny_model_dir, tmp
     must use the float32 vectors the exported folder gives (the wrapped model reached only cos 0.994)."""
     from recforge.align.trainer import run_align
 
-    cfg = tiny_recipe(tiny_model_dir, tmp_path / "run", "train.epochs=1", "train.batch_size=16", "train.bf16=true",
+    cfg = tiny_recipe(tiny_model_dir, tmp_path / "run", "train.num_train_epochs=1", "train.per_device_train_batch_size=16", "train.bf16=true",
                       "data.max_train_pairs=32", "backbone.max_seq_length=24", "eval.compare_base=false")
     out = run_align(cfg)
     # float32 against float32 agrees to ~1e-7; against the autocast-wrapped model the tiny LM reaches 0.999992

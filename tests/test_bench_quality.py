@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-quality = pytest.importorskip("quality")
+import quality  # noqa: E402  (bench/quality.py: an import error must fail, not skip)
 
 
 def write(path: Path, data: dict) -> None:
@@ -32,12 +32,28 @@ def test_cpt_goal_is_missed_when_one_seed_misses(tmp_path):
     assert table["general"]["cpt_noreplay"] is None  # that arm did not run: shown as not run, never filled in
 
 
-def test_ctr_deltas_are_paired_by_seed(tmp_path):
-    runs = [{"variant": v, "seed": s, "test_auc": auc} for v, s, auc in (
-        ("ids_only", 0, 0.70), ("ids_only", 1, 0.72), ("knowledge", 0, 0.708), ("knowledge", 1, 0.724),
-        ("item_text", 0, 0.70), ("item_text", 1, 0.72))]
-    write(tmp_path / "ctr_goodbooks" / "report.json", {"status": "done", "runs": runs})
+def verdict_row(variant: str, kind: str, warm: tuple | None, new: tuple | None) -> dict:
+    def group(g):
+        if g is None:
+            return {"auc_mean": 0.75, "delta": None}
+        return {"auc_mean": 0.75 + g[0], "auc_std": 0.001, "delta": g[0], "ci_low": g[1], "ci_high": g[2]}
+    return {"variant": variant, "kind": kind, "seeds": 3, "groups": {"warm": group(warm), "new": group(new)},
+            "cost": {"total_cpu_hours": 0.01}}
+
+
+def test_ctr_rows_come_from_the_verdict_and_mark_only_intervals_that_exclude_zero(tmp_path):
+    verdict = {"rows": [verdict_row("ids_only", "model", None, None),
+                        verdict_row("item_text", "model", (0.01, 0.004, 0.016), (0.002, -0.003, 0.007)),
+                        verdict_row("item_knowledge", "llm", (-0.004, -0.008, -0.001), (0.03, 0.01, 0.05))],
+               "goals": [{"goal": "tuned IDs-only DIN >= logistic-regression floor (warm targets)", "met": True,
+                          "detail": "DIN 0.76 vs LR 0.75"}]}
+    write(tmp_path / "ctr_goodbooks" / "verdict.json", verdict)
     table = quality.ctr_table(tmp_path)
-    assert table["goodbooks"]["knowledge_delta"]["values"] == pytest.approx([0.008, 0.004])
-    assert table["goodbooks"]["goals"]["knowledge_ge_ids_plus_0.005_every_seed"] is False  # seed 1: +0.004
     assert table["movielens"] == {"status": "not run"}
+    rows = {r["variant"]: r for r in table["goodbooks"]["rows"]}
+    assert rows["item_knowledge"]["new"]["delta"] == pytest.approx(0.03)
+    cells = {r["variant"]: r for r in table["goodbooks"]["rows"]}
+    assert quality._delta_cell(cells["item_text"]["warm"]).endswith("✔")
+    assert not quality._delta_cell(cells["item_text"]["new"]).endswith("✔")  # [-0.003, +0.007] includes 0
+    assert quality._delta_cell(cells["item_knowledge"]["warm"]).endswith("✔")  # below 0, also excludes it
+    assert quality._delta_cell(cells["ids_only"]["warm"]) == "—"  # the baseline itself

@@ -94,13 +94,13 @@ def argv(command: str, case: str, tmp: Path, tiny: Path) -> tuple[list[str], str
                          "catalogue.path", "catalogue.jsonl", "batch_size")
     if command == "align":
         return with_file(["align", recipe("align/recipes/esci_minilm.yaml"), out], "data.esci.queries",
-                         "queries.jsonl", "train.batch_size")
+                         "queries.jsonl", "train.per_device_train_batch_size")
     if command == "eval retrieval":
         return with_file(["eval", "retrieval", recipe("align/recipes/eval_esci.yaml"), out], "data.esci.queries",
                          "queries.jsonl", "eval.batch_size")
     if command == "eval ctr":
         return with_file(["eval", "ctr", recipe("align/recipes/ctr_goodbooks.yaml"), out], "inputs.interactions.path",
-                         "ratings.jsonl", "train.batch_size")
+                         "ratings.jsonl", "train.per_device_train_batch_size")
     if command == "export-features":
         return with_file(["export-features", recipe("align/recipes/features_goodbooks_items.yaml"), out],
                          "source.path", "books.jsonl", "embedding.batch_size")
@@ -220,6 +220,43 @@ def test_the_corrected_readme_example_runs_and_the_old_key_is_refused(tmp_path, 
                  f"inputs.products.path={sample}"]) == 2
     err = capsys.readouterr().err
     assert "inputs.products" in err and len(err.strip().splitlines()) == 1
+
+
+# Training settings take Hugging Face TrainingArguments' names (issue 26): a key under its old name is refused in
+# one line naming the new one, on the command line or in a recipe file, never ignored or a bare "unknown key".
+RENAMED = [
+    ("cpt", "finetune/recipes/cpt_esci_tiny.yaml", "training", "epochs", "num_train_epochs", "1"),
+    ("cpt", "finetune/recipes/cpt_esci_tiny.yaml", "training", "lr_scheduler", "lr_scheduler_type", "linear"),
+    ("sft", "finetune/recipes/sft_esci_relevance_tiny.yaml", "training", "per_device_batch_size",
+     "per_device_train_batch_size", "4"),
+    ("align", "align/recipes/esci_minilm.yaml", "train", "epochs", "num_train_epochs", "1"),
+    ("align", "align/recipes/esci_minilm.yaml", "train", "batch_size", "per_device_train_batch_size", "16"),
+    ("align", "align/recipes/esci_minilm.yaml", "train", "warmup_ratio", "warmup_steps", "0.1"),
+]
+
+
+@pytest.mark.parametrize("in_file", [False, True], ids=["override", "recipe_file"])
+@pytest.mark.parametrize("command,path,section,old,new,value", RENAMED, ids=[f"{r[0]}-{r[3]}" for r in RENAMED])
+def test_a_renamed_training_key_is_one_line_naming_the_new_key(command, path, section, old, new, value, in_file,
+                                                               tmp_path, capsys):
+    import yaml
+
+    args = [command, recipe(path), f"out_dir={tmp_path / 'out'}"]
+    if in_file:  # a recipe written before the rename: the old key in its section, beside the new ones
+        data = yaml.safe_load((REPO / path).read_text())
+        data[section].pop(new, None)
+        data[section][old] = yaml.safe_load(value)
+        (tmp_path / "old.yaml").write_text(yaml.safe_dump(data))
+        args[1] = str(tmp_path / "old.yaml")
+    else:
+        args.append(f"{section}.{old}={value}")
+    capsys.readouterr()
+    status = main(args)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert status == 2, err
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].endswith(f": {section}.{old} was renamed {section}.{new}"), lines[0]
 
 
 # ---------------------------------------------------------------- hostile input (issue 23)

@@ -47,7 +47,7 @@ def test_trainer_learns_the_signal_a_dense_feature_carries(backbone, adaptor):
         splits[name] = splits[name].take(np.flatnonzero(keep))
     splits["train"] = splits["train"].take(np.flatnonzero(~np.isin(splits["train"].target, list(test_items))))
     cfg = ModelConfig(backbone=backbone, embed_dim=16, history_length=8, mlp_hidden=[64, 32])
-    train = TrainConfig(batch_size=512, lr=3e-3, max_epochs=5, patience=2)
+    train = TrainConfig(per_device_train_batch_size=512, learning_rate=3e-3, num_train_epochs=5, early_stopping_patience=2)
     with_dense = train_ctr(splits, n_items, [dense], cfg, train, adaptor, seed=0)
     ids_only = train_ctr(splits, n_items, [], cfg, train, None, seed=0)
     assert with_dense["test_auc"] > 0.9
@@ -156,7 +156,7 @@ def test_eval_ctr_end_to_end_on_a_slice_of_the_shipped_ratings(tmp_path, repo_ro
     out_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "recforge", "eval", "ctr", str(repo_root / "align/recipes/ctr_goodbooks.yaml"),
            f"out_dir={out_dir}", f"inputs.interactions.path={tmp_path / 'events.jsonl'}",
-           f"inputs.knowledge={tmp_path / 'no-knowledge'}", "seeds=[0,1]", "train.max_epochs=2",
+           f"inputs.knowledge={tmp_path / 'no-knowledge'}", "seeds=[0,1]", "train.num_train_epochs=2",
            "variants={ids_only: [], item_text: [item_text], knowledge: [item_knowledge]}", "adaptors=[kar]"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=repo_root)
     assert proc.returncode == 0, proc.stderr[-2000:]

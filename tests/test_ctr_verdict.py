@@ -150,15 +150,15 @@ def test_every_variant_gets_the_same_tuning_budget():
     cfg = CTRRecipe.model_validate({
         "name": "t", "inputs": {"interactions": {"path": "x"}, "items": {"path": "y", "id": "item_id"}},
         "model": {"embed_dim": 8, "history_length": 5, "mlp_hidden": [16, 8], "adaptor_dim": 8, "expert_hidden": 16},
-        "train": {"batch_size": 512, "max_epochs": 1, "patience": 1}, "seeds": [0, 1], "adaptors": ["kar"],
-        "tuning": {"budget": 3, "seed": 5, "space": {"embed_dim": [4, 8], "dropout": [0.0, 0.3], "lr": [1e-3, 3e-3]}},
+        "train": {"per_device_train_batch_size": 512, "num_train_epochs": 1, "early_stopping_patience": 1}, "seeds": [0, 1], "adaptors": ["kar"],
+        "tuning": {"budget": 3, "seed": 5, "space": {"embed_dim": [4, 8], "dropout": [0.0, 0.3], "learning_rate": [1e-3, 3e-3]}},
         "variants": {"ids_only": [], "item_text": ["item_text"], "item_judgement": ["item_judgement"]}})
     dense = {"item_text": DenseInput("item_text", "item", vec), "item_judgement": DenseInput("item_judgement", "item", vec[:, :2])}
     results, tuning = train_variants(cfg, data, dense, {"skipped_inputs": {}}, lambda r: None)
     tried = {k: [t["setting"] for t in v["trials"]] for k, v in tuning["variants"].items()}
     assert set(tried) == {"ids_only", "item_text", "item_judgement"}
     assert all(t == tuning["candidates"] for t in tried.values()) and len(tuning["candidates"]) == 3
-    assert tuning["candidates"][0] == {"embed_dim": 8, "dropout": 0.0, "weight_decay": 1e-5, "lr": 1e-3}  # the recipe's
+    assert tuning["candidates"][0] == {"embed_dim": 8, "dropout": 0.0, "weight_decay": 1e-5, "learning_rate": 1e-3}  # the recipe's
     assert len({json.dumps(c, sort_keys=True) for c in tuning["candidates"]}) == 3
     # every variant: budget trainings + one per extra seed (the tuning seed's run is not reused: seed 5 not in seeds)
     assert {v["train_cost"]["trainings"] for v in tuning["variants"].values()} == {3 + 2}
@@ -198,7 +198,7 @@ def _tiny_recipe(tmp_path, extra: list[str]) -> list[str]:
         "split: {eval_percent: {user: 30, item: 30}}\nvalid_percent: 30\n"
         "new_items: {enabled: true}\n"
         "model: {embed_dim: 4, history_length: 4, mlp_hidden: [8, 4]}\n"
-        "train: {batch_size: 256, max_epochs: 1, patience: 1}\n"
+        "train: {per_device_train_batch_size: 256, num_train_epochs: 1, early_stopping_patience: 1}\n"
         "bootstrap: {resamples: 20}\n"
         "variants: {ids_only: []}\nseeds: [0]\n", encoding="utf-8")
     return [str(recipe), *extra]
@@ -209,6 +209,21 @@ def test_empty_seeds_is_a_one_line_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "recforge", "eval", "ctr", *args], capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and "seeds" in proc.stderr
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["model.backbone=bahe", "variants={text: [item_text]}"], "variants"),  # BAHE trains its own variants
+    (["model.backbone=bahe", "adaptors=[mlp, kar]"], "adaptors after the first"),
+    (["model.backbone=bahe", "model.scene=larr"], "model.scene: larr"),
+    (["model.scene=larr", "tuning.budget=3"], "tuning"),  # LARR has no tuning budget
+    (["model.llm.lower_layers=4"], "model.llm"),  # a DIN recipe never builds the LLM tower
+])
+def test_a_key_the_mode_ignores_is_refused_by_name(tmp_path, overrides, named):
+    args = _tiny_recipe(tmp_path, overrides)
+    proc = subprocess.run([sys.executable, "-m", "recforge", "train-ctr", *args], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "does not read" in proc.stderr and named in proc.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
 def test_a_rerun_resets_rejects_and_writes_the_verdict(tmp_path):

@@ -101,3 +101,57 @@ def test_cli_shard_and_merge(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "recforge", "data", str(ESCI), f"out_dir={out}", "--shard", "2/2"],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "--shard '2/2': need 0 <= i < N" in bad.stderr
+
+
+def test_merge_streams_the_shards_never_reading_a_whole_corpus(tmp_path, monkeypatch):
+    """The merge checks ids and keys from a few columns and copies rows a batch at a time (issue 27): no call
+    reads every column of a shard's corpus at once, and the merged corpora are still the unsharded ones."""
+    import pyarrow.parquet as pq
+
+    from recforge.data_recipes import build
+
+    out = tmp_path / "sharded"
+    for i in range(2):
+        run_data(recipe(ESCI, out), shard=ShardSpec(i, 2))
+    run_data(recipe(ESCI, tmp_path / "whole"))
+
+    def whole_read(*args, **kwargs):
+        raise AssertionError("the merge read a whole corpus")
+
+    real_read, real_table, real_batches = pq.ParquetFile.read, pq.read_table, pq.ParquetFile.iter_batches
+    row_columns = {"documents", "text", "anchor", "positive", "negative"}
+
+    def read(self, columns=None, **kwargs):
+        assert columns is not None and not row_columns & set(columns), columns
+        return real_read(self, columns=columns, **kwargs)
+
+    def read_table(source, columns=None, **kwargs):
+        assert columns is not None and not row_columns & set(columns), columns
+        return real_table(source, columns=columns, **kwargs)
+
+    batch_sizes = []
+
+    def iter_batches(self, batch_size=65_536, **kwargs):
+        batch_sizes.append(batch_size)
+        return real_batches(self, batch_size=batch_size, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(pl, "read_parquet", whole_read)
+        m.setattr(pl, "scan_parquet", whole_read)
+        m.setattr(pq, "read_table", read_table)
+        m.setattr(pq.ParquetFile, "read", read)
+        m.setattr(pq.ParquetFile, "iter_batches", iter_batches)
+        merged = merge_shards(recipe(ESCI, out))
+    assert batch_sizes and max(batch_sizes) <= build.MERGE_BATCH_ROWS
+    assert merged["splits"]["leakage_ok"]
+    whole, parts = corpus_rows(tmp_path / "whole"), corpus_rows(out)
+    assert set(parts) == set(whole)
+    for name in whole:
+        assert parts[name].equals(whole[name]), name
+    # row for row in file order too: train rows, then eval rows, shard by shard as the merge always wrote them
+    for name, info in merged["corpora"].items():
+        for split, files in info["files"].items():
+            copied = pl.read_parquet([out / f for f in files])
+            shards = [pl.read_parquet(sorted((out / ShardSpec(i, 2).folder / name).glob(f"{split}-*.parquet")))
+                      for i in range(2) if sorted((out / ShardSpec(i, 2).folder / name).glob(f"{split}-*.parquet"))]
+            assert copied.equals(pl.concat(shards)), (name, split)

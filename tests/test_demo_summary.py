@@ -1,12 +1,14 @@
-"""`recforge demo-summary`: every number comes from the stage's own file, beside its baseline; a stage that
+"""bench/demo_summary.py (`make demo`'s last step): every number comes from the stage's own file, beside its baseline; a stage that
 did not run says so instead of showing a number."""
 
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
-from recforge.cli import main
-from recforge.demo_summary import summarise
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from demo_summary import main, summarise  # noqa: E402  (bench/demo_summary.py: an import error must fail)
 
 
 def write(path, data):
@@ -23,8 +25,11 @@ def test_summary_places_each_stage_number_beside_its_baseline(tmp_path, capsys):
                                             "popular_baseline": {"precision@5": 0.40},
                                             "model_used": {"name_or_path": "runs/demo/sft_tags/merged"}})
     write(demo / "tags" / "manifest.json", {"engine": {"kind": "vllm", "version": "0.32.0"}})
-    write(demo / "ctr" / "report.json", {"summary": [{"variant": "ids_only", "adaptor": None, "auc_mean": 0.70},
-                                                     {"variant": "knowledge", "adaptor": "kar", "auc_mean": 0.72}]})
+    write(demo / "ctr" / "verdict.json", {"rows": [
+        {"variant": "ids_only", "kind": "model", "groups": {"warm": {"auc_mean": 0.70}, "new": {"auc_mean": 0.65}}},
+        {"variant": "text_knowledge", "kind": "llm", "groups": {
+            "warm": {"auc_mean": 0.72, "delta": 0.02, "ci_low": 0.01, "ci_high": 0.03},
+            "new": {"auc_mean": 0.66, "delta": 0.01, "ci_low": -0.002, "ci_high": 0.022}}}]})
     rows = summarise(demo)["rows"]
     by = {(r["stage"], r["measure"].split(",")[0]): r for r in rows}
     cpt = by[("CPT", "esci held-out perplexity (lower is better)")]
@@ -32,11 +37,14 @@ def test_summary_places_each_stage_number_beside_its_baseline(tmp_path, capsys):
     tags = by[("tags", "P@5 vs shelf tags")]
     assert (tags["result"], tags["baseline"], tags["engine"]) == (0.55, 0.40, "vllm 0.32.0")
     ctr = [r for r in rows if r["stage"] == "CTR" and not r.get("status")]
-    assert [(r["result"], r["baseline"], r["change"]) for r in ctr] == [(0.72, 0.70, "+0.0200")]
+    assert [(r["result"], r["baseline"], r["change"]) for r in ctr] == [
+        (0.72, 0.70, "warm +0.0200 [+0.0100, +0.0300]; new +0.0100 [-0.0020, +0.0220]")]
     # stages without files are "not run", never a number
-    assert {r["stage"] for r in rows if r.get("status") == "not run"} == {"knowledge", "align", "CTR"}
+    assert {r["stage"] for r in rows if r.get("status") == "not run"} == {"knowledge", "align"}
+    empty = summarise(tmp_path / "empty")["rows"]  # no verdict.json: the CTR row says so
+    assert "CTR" in {r["stage"] for r in empty} and all(r.get("status") == "not run" for r in empty)
     md = (demo / "summary.md").read_text()
     assert "| tags | P@5 vs shelf tags, 401 held-out books | 0.55 | 0.4 (the most popular training tags) |" in md
     assert (demo / "summary.png").stat().st_size > 0
-    assert main(["demo-summary", str(demo)]) == 0
+    assert main([str(demo)]) == 0
     assert "0.72" in capsys.readouterr().out

@@ -48,7 +48,7 @@ def write_recipe(path: Path, model_dir, corpora, out_dir, **over) -> Path:
         "packing": "isolated",
         "max_length": 64,
         "tokens": {"from_manifest": str(corpora["manifest"])},
-        "training": {"max_steps": 4, "per_device_batch_size": 4, "learning_rate": 5e-3, "logging_steps": 1,
+        "training": {"max_steps": 4, "per_device_train_batch_size": 4, "learning_rate": 5e-3, "logging_steps": 1,
                      "eval_steps": 3, "save_steps": 3},
         "seed": 0,
         "out_dir": str(out_dir),

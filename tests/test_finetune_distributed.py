@@ -120,7 +120,7 @@ def test_two_gloo_processes_shard_data_and_save_one_model(tiny_model_dir, tmp_pa
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
         "data": {"train": {"esci": {"path": str(corpus), "split": None}}},
         "max_length": 64,
-        "training": {"max_steps": 3, "per_device_batch_size": 2, "logging_steps": 1, "trace_batches": True},
+        "training": {"max_steps": 3, "per_device_train_batch_size": 2, "logging_steps": 1, "trace_batches": True},
         "out_dir": str(out),
     }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))

@@ -29,7 +29,7 @@ def lora_run(tiny_model_dir, tmp_path_factory):
                  "eval": {"esci": {"path": str(corpus), "max_rows": 10}}},
         "max_length": 64,
         "tokens": {"add": ["<|startofpiece|>", "<|endofpiece|>"]},
-        "training": {"max_steps": 4, "per_device_batch_size": 4, "learning_rate": 1e-2, "logging_steps": 1},
+        "training": {"max_steps": 4, "per_device_train_batch_size": 4, "learning_rate": 1e-2, "logging_steps": 1},
         "out_dir": str(d / "run"),
     }
     (d / "r.yaml").write_text(yaml.safe_dump(recipe))

@@ -19,7 +19,7 @@ def _recipe(tmp_path, tiny_model_dir, **extra):
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
         "data": {"train": {"esci": {"path": str(corpus), "split": None}}},
         "max_length": 64,
-        "training": {"max_steps": 2, "per_device_batch_size": 4, "logging_steps": 1},
+        "training": {"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1},
         "out_dir": str(tmp_path / "run"),
         **extra,
     }

@@ -20,10 +20,10 @@ PAIRS = [
 ]
 # what may differ between a CPU and a GPU run of the same job
 ALLOWED = {"model.path", "model.revision", "model.dtype", "model.attn_implementation", "model.gradient_checkpointing",
-           "mode", "lora.bnb_4bit_compute_dtype", "max_length", "training.per_device_batch_size",
+           "mode", "lora.bnb_4bit_compute_dtype", "max_length", "training.per_device_train_batch_size",
            "training.gradient_accumulation_steps", "training.bf16", "training.learning_rate", "training.save_steps",
            # a random-weight 5M model trained from scratch needs more passes and warm-up than a pretrained one
-           "training.epochs", "training.warmup_steps",
+           "training.num_train_epochs", "training.warmup_steps",
            "out_dir"}
 
 

@@ -17,7 +17,7 @@ from recforge.finetune.sft import (
     tags_examples,
 )
 from recforge.finetune.sft_config import SFTConfig
-from recforge.generate.tag_eval import is_reader_shelf
+from recforge.shelf_tags import is_reader_shelf
 
 RECIPES = Path(__file__).resolve().parents[1] / "finetune" / "recipes"
 
@@ -33,10 +33,12 @@ def test_relevance_metrics_accuracy_and_macro_f1():
     assert m["parsed"] == pytest.approx(4 / 5)
 
 
-def test_tag_metrics():
-    m = tag_metrics(["fantasy, magic, school", ""], [["fantasy", "magic"], ["horror"]])
-    assert m["tag_precision"] == pytest.approx((2 / 3 + 0) / 2)
-    assert m["tag_recall"] == pytest.approx((1 + 0) / 2)
+def test_tag_metrics_are_eval_tags_p_at_k():
+    # P@k = hits in the first k / k (not hits / answers): a one-tag answer cannot score 1.0; the truth is read
+    # like `recforge eval tags` reads it, predictions cleaned by the same reader-shelf rule (`to-read` is no tag)
+    m = tag_metrics(["fantasy, magic, school", "to-read, horror", ""], [["fantasy", "magic"], ["horror"], ["drama"]], k=5)
+    assert m["precision@5"] == pytest.approx(round((2 / 5 + 1 / 5 + 0) / 3, 4))
+    assert m["recall@5"] == pytest.approx(round((1 + 1 + 0) / 3, 4))
 
 
 def test_examples_split_by_group_and_skip_status_shelves():
@@ -73,7 +75,7 @@ def test_tags_sft_end_to_end_with_merge(tiny_model_dir, tmp_path):
                  "max_train_examples=64"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 4 and metrics["n_eval"] == 6
-    assert {"tag_precision", "tag_recall", "tag_f1", "eval_loss"} <= set(metrics)
+    assert {"precision@5", "recall@5", "eval_loss"} <= set(metrics)
     assert metrics["merge_max_logit_diff"] <= 1e-3
     held_out = set(json.loads((out / "eval_ids.json").read_text())["eval_ids"])
     assert len(held_out) == 6
@@ -125,7 +127,7 @@ def test_distill_sft_reads_a_features_table(tiny_model_dir, tmp_path):
                  "max_new_tokens=4"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_train"] + metrics["n_eval"] == 8  # the user row and unknown ids are not items to distil
-    assert "tag_f1" in metrics
+    assert "precision@5" in metrics
 
     assert main(["sft", str(RECIPES / "sft_distill_tiny.yaml"), f"model.path={tiny_model_dir}",
                  f"out_dir={tmp_path / 'x'}", f"distill.features={tmp_path / 'nope.parquet'}"]) == 2

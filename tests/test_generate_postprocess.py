@@ -11,7 +11,8 @@ import pytest
 from recforge.generate.parsing import ParseError, extract_json, parse_output
 from recforge.generate.postprocess import aggregate, normalize_tag, normalize_tags
 from recforge.shards import shard_of
-from recforge.generate.tag_eval import book_shelf_tags, is_reader_shelf, precision_recall_at_k, read_truth
+from recforge.generate.tag_eval import read_truth
+from recforge.shelf_tags import book_shelf_tags, is_reader_shelf, precision_recall_at_k
 from recforge.prompts import load_prompt
 from recforge.splits import split_of
 
@@ -98,10 +99,10 @@ def test_split_and_prompt_match_finetunes_tags_recipe(repo_root):
     import gzip
 
     from recforge.config import load_recipe
+    from recforge.finetune import sft
     from recforge.finetune.sft_config import SFTConfig
     from recforge.io import resolve_path
 
-    sft = pytest.importorskip("recforge.finetune.sft")
     books = [json.loads(line) for line in gzip.open(resolve_path(BOOK_TAGS), "rt")]
     # the books the shipped tags SFT recipe holds out are exactly the ones generate calls heldout
     cfg = load_recipe(SFTConfig, repo_root / "finetune/recipes/sft_goodbooks_tags_tiny.yaml", ["max_eval_examples=null"])
@@ -109,10 +110,13 @@ def test_split_and_prompt_match_finetunes_tags_recipe(repo_root):
     assert {e["entity_id"] for e in evals} == {str(b["book_id"]) for b in books if book_split(b["book_id"]) == "heldout"} & {
         e["entity_id"] for e in train + evals}
     assert not any(book_split(e["entity_id"]) == "heldout" for e in train)
-    b = books[0]
+    # the SFT examples' prompt is generate's shelf_tags prompt for the same book (one prompt, rendered once)
+    by_id = {str(b["book_id"]): b for b in books}
+    e = evals[0]
+    b = by_id[e["entity_id"]]
     record = {"title": b["title"], "authors": b["authors"], "year": b.get("original_publication_year")}
     ours = load_prompt("shelf_tags").render_user(record, str(b["book_id"]))
-    assert ours == sft.TAGS_INSTRUCTION.format(n=5) + "\nBook: " + sft.book_text(b)
+    assert e["prompt"][0]["content"] == ours and ours.startswith("List 5 shelf tags") and b["title"] in ours
 
 
 def test_aggregate_merges_runs_and_votes_tags():

@@ -250,14 +250,20 @@ def test_consecutive_engine_errors_stop_the_run_and_a_rerun_resumes(tiny_model_d
     assert not any(v.startswith("FAILED") for v in got.values())
 
 
-def test_several_chunks_go_to_the_engine_in_one_call(tiny_model_dir, tmp_path, engine):
+def test_chunks_are_grouped_per_engine_call_on_vllm_only(tiny_model_dir, tmp_path, engine):
     import pyarrow.parquet as pq
 
+    from recforge.generate.runner import submission_batches
+
+    # vLLM schedules the rows of one call together: three resume chunks of 4 go in one call of 12
+    assert submission_batches([0, 1, 2], [[1] * 4] * 3, 12) == [[0, 1, 2]]
     out = tmp_path / "out"
     cfg = load_recipe(GenerateConfig, make_recipe(tmp_path, tiny_model_dir, 12, out, 4, sampling={"max_tokens": 48},
                                                   submit_rows=12, max_retries=0))
     run_generate(cfg, progress=False)
-    assert engine.calls == [[str(i) for i in range(1, 13)]]  # three resume chunks, one engine call
+    # the transformers engine gains nothing from it: one chunk a call, so each chunk is on disk as soon as it is
+    # done (a kill loses one chunk at most, not the whole submission)
+    assert engine.calls == [[str(i) for i in range(4 * k + 1, 4 * k + 5)] for k in range(3)]
     failed = failed_lines(out)
     for k in range(3):  # ...but still one shard per chunk, each holding exactly its own input rows
         ids = pq.read_table(out / "shards" / f"part-{k:05d}.parquet").column("id").to_pylist()

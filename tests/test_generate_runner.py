@@ -236,7 +236,8 @@ def test_eval_tags_cli_on_a_run(finished_run, tiny_model_dir, tmp_path, capsys):
     m = json.loads((tmp_path / "m.json").read_text())
     # the metric recomputed by hand from the run's own rows: hits among the first 5 cleaned tags / 5, over the
     # books of the run that have shelf truth (failed rows count as zero)
-    from recforge.generate.tag_eval import clean_predicted, read_truth
+    from recforge.generate.tag_eval import read_truth
+    from recforge.shelf_tags import clean_predicted
 
     truth = read_truth("sample://goodbooks_10k_book_tags/books_tags.jsonl.gz", split="all", top=10)
     pred = {r["id"]: json.loads(r["output"])["tags"] for r in read_generations(tmp / "out").to_pylist()}

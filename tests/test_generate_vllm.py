@@ -170,7 +170,7 @@ def published_adapter(tiny_model_dir, tmp_path_factory):
         "model": {"path": str(tiny_model_dir)}, "mode": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
         "data": {"train": {"esci": {"path": str(corpus), "split": None}}, "eval": {"esci": {"path": str(corpus), "max_rows": 8}}},
         "max_length": 64,
-        "training": {"max_steps": 6, "per_device_batch_size": 4, "learning_rate": 2e-2, "logging_steps": 1},
+        "training": {"max_steps": 6, "per_device_train_batch_size": 4, "learning_rate": 2e-2, "logging_steps": 1},
         "out_dir": str(d / "run"),
     }
     (d / "r.yaml").write_text(yaml.safe_dump(recipe))

@@ -104,7 +104,7 @@ def test_sft_on_two_processes_trains_on_shards_and_rank0_writes_one_model(tiny_m
     out = tmp_path / "sft"
     writes = launch_two(tmp_path, out, "sft", str(REPO / "finetune/recipes/sft_goodbooks_tags_tiny.yaml"),
                         f"model.path={tiny_model_dir}", f"out_dir={out}", f"tags.books={books}", "mode=lora", "merge=true",
-                        "training.epochs=1", "training.per_device_batch_size=4", "training.save_steps=1000",
+                        "training.num_train_epochs=1", "training.per_device_train_batch_size=4", "training.save_steps=1000",
                         "max_train_examples=32", "max_eval_examples=4", "max_new_tokens=4")
     manifest = json.loads((out / "manifest.json").read_text())
     check_written_once(out, writes, manifest)
@@ -132,7 +132,7 @@ def test_align_on_two_processes_trains_on_shards_and_rank0_exports_one_model(tin
     out = tmp_path / "align"
     writes = launch_two(tmp_path, out, "align", str(REPO / "align/recipes/esci_tiny_lm.yaml"),
                         f"backbone.path={tiny_model_dir}", f"out_dir={out}", f"data.esci.queries={queries}",
-                        "train.epochs=1", "train.batch_size=16", "data.max_train_pairs=64", "backbone.max_seq_length=24",
+                        "train.num_train_epochs=1", "train.per_device_train_batch_size=16", "data.max_train_pairs=64", "backbone.max_seq_length=24",
                         "train.no_duplicates_sampler=false", "eval.k_values=[1,10]")
     manifest = json.loads((out / "manifest.json").read_text())
     check_written_once(out, writes, manifest)

@@ -53,7 +53,7 @@ def test_lora_cpt_step_on_smollm2_by_alias(smollm2_dir, tmp_path, monkeypatch):
     recipe = {"model": {"path": "smollm2"}, "mode": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
               "data": {"train": {"esci": {"path": str(corpus), "split": None}},
                        "eval": {"esci": {"path": str(corpus), "max_rows": 4}}},
-              "max_length": 64, "training": {"max_steps": 2, "per_device_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1},
+              "max_length": 64, "training": {"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1},
               "out_dir": str(tmp_path / "run")}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["cpt", str(tmp_path / "r.yaml")]) == 0

@@ -147,7 +147,7 @@ def cpt_recipe(path: Path, model: Path, corpus: Path, out: Path) -> Path:
     path.write_text(yaml.safe_dump({
         "model": {"path": str(model)}, "mode": "full", "max_length": 32,
         "data": {"train": {"items": {"path": str(corpus)}}},
-        "training": {"max_steps": 1, "per_device_batch_size": 2, "save_steps": 100},
+        "training": {"max_steps": 1, "per_device_train_batch_size": 2, "save_steps": 100},
         "out_dir": str(out),
     }))
     return path
@@ -249,7 +249,7 @@ def lora_run(tiny_model_dir, tmp_path_factory):
     (d / "r.yaml").write_text(yaml.safe_dump({
         "model": {"path": str(tiny_model_dir)}, "mode": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
         "data": {"train": {"esci": {"path": str(corpus), "split": None}}}, "max_length": 32,
-        "training": {"max_steps": 1, "per_device_batch_size": 4, "save_steps": 100}, "out_dir": str(d / "run"),
+        "training": {"max_steps": 1, "per_device_train_batch_size": 4, "save_steps": 100}, "out_dir": str(d / "run"),
     }))
     assert main(["cpt", str(d / "r.yaml")]) == 0
     return d / "run"
@@ -303,10 +303,12 @@ def test_a_bad_number_in_a_data_recipe_is_one_line_exit_2(override, tmp_path, ca
 
 
 @pytest.mark.parametrize("recipe,override", [
-    ("cpt_esci_tiny.yaml", "training.learning_rate=-1"), ("cpt_esci_tiny.yaml", "training.per_device_batch_size=0"),
+    ("cpt_esci_tiny.yaml", "training.learning_rate=-1"), ("cpt_esci_tiny.yaml", "training.per_device_train_batch_size=0"),
     ("cpt_esci_tiny.yaml", "training.save_steps=0"), ("cpt_esci_tiny.yaml", "data.eval.esci.max_rows=0"),
-    ("cpt_esci_tiny.yaml", "lora.r=0"), ("cpt_esci_tiny.yaml", "training.epochs=.inf"),
+    ("cpt_esci_tiny.yaml", "lora.r=0"), ("cpt_esci_tiny.yaml", "training.num_train_epochs=.inf"),
     ("sft_esci_relevance_tiny.yaml", "max_new_tokens=0"), ("sft_esci_relevance_tiny.yaml", "training.warmup_steps=-2"),
+    # warmup_steps is a step count (integer >= 1) or a ratio in [0, 1): 2.5 is neither
+    ("cpt_esci_tiny.yaml", "training.warmup_steps=2.5"),
     ("sft_goodbooks_tags_tiny.yaml", "tags.n_tags=0"),
 ])
 def test_a_bad_number_in_a_finetune_recipe_is_one_line_exit_2(recipe, override, tmp_path, capsys):

@@ -48,12 +48,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def resolve_llm(name_or_path: str) -> Path:
     """A recipe's model name -> a local HF folder (aliases such as `smollm2` through recforge.models)."""
-    from recforge.models import resolve_model
+    from recforge.models import resolve_model_folder
 
-    path = Path(resolve_model(name_or_path)).expanduser()
-    if not (path / "config.json").is_file():
-        raise RecforgeError(f"model.llm.model: {path} is not a model folder (no config.json)")
-    return path
+    return resolve_model_folder(name_or_path, "model.llm.model")
 
 
 def load_backbone(path: str | Path, dtype: str = "float32"):
@@ -379,7 +376,7 @@ def optimizer(model: nn.Module, train_cfg: TrainConfig, llm_lr: float) -> torch.
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     llm = [p for n, p in trainable if n.startswith(("tower.", "full."))]  # the LLM's own weights (LoRA or all)
     head = [p for n, p in trainable if not n.startswith(("tower.", "full."))]
-    return torch.optim.AdamW([{"params": head, "lr": train_cfg.lr}, {"params": llm, "lr": llm_lr}],
+    return torch.optim.AdamW([{"params": head, "lr": train_cfg.learning_rate}, {"params": llm, "lr": llm_lr}],
                              weight_decay=train_cfg.weight_decay)
 
 
@@ -406,7 +403,7 @@ def train_llm_ctr_model(kind: str, setup: LLMSetup, splits: dict[str, SampleArra
     if train_cfg.num_threads:
         torch.set_num_threads(train_cfg.num_threads)
     model = build_model(kind, setup, model_cfg, n_items, adaptor, fresh_base)
-    optim = optimizer(model, train_cfg, model_cfg.llm.lr)
+    optim = optimizer(model, train_cfg, model_cfg.llm.learning_rate)
     loss_fn = nn.BCEWithLogitsLoss()
     train = splits["train"]
     target, history, rating, label = (torch.from_numpy(a) for a in (train.target, train.history, train.history_rating, train.label))

@@ -1,4 +1,4 @@
-"""CLI of the CTR bridge: `recforge eval ctr RECIPE` and `recforge export-features RECIPE`."""
+"""CLI of the CTR bridge: `recforge train-ctr RECIPE` (also `recforge eval ctr RECIPE`) and `recforge export-features RECIPE`."""
 
 from __future__ import annotations
 
@@ -32,7 +32,12 @@ def _export_features(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub, eval_sub) -> None:
-    ctr = eval_sub.add_parser("ctr", help="CTR AUC lift of text / knowledge features (DIN or DCN-v2, KAR vs MLP adaptor)")
+    # the verb says what it does (trains CTR models, then reports their AUC); `eval ctr` stays for existing scripts
+    train = sub.add_parser("train-ctr", help="train the CTR variants of a recipe (DIN / DCN-v2, BAHE, LARR) and report AUC, "
+                                             "floors and the paired verdict")
+    add_recipe_args(train)
+    train.set_defaults(handler=_eval_ctr)
+    ctr = eval_sub.add_parser("ctr", help="the same as `recforge train-ctr`")
     add_recipe_args(ctr)
     ctr.set_defaults(handler=_eval_ctr)
     export = sub.add_parser("export-features", help="id -> vector Parquet table with a JSON contract, for ranking jobs")

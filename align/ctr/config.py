@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from recforge.config import RecipeModel
-from recforge.data_recipes.readers import SourceConfig
+from recforge.readers import SourceConfig
 from recforge.splits import KAR_MAX_PROMPT_ITEMS, SplitRule
 
 
@@ -65,6 +65,8 @@ class EmbeddingConfig(RecipeModel):
 class LLMConfig(RecipeModel):
     """The causal LLM of `model.backbone: bahe` (BAHE, SIGIR 2024) and of its full-token baseline `llm_ctr`."""
 
+    renamed_keys: ClassVar[dict[str, str]] = {"lr": "learning_rate"}
+
     model: str = Field(default="smollm2", description="alias (recforge.models.resolve_model) or a local HF causal-LM folder")
     lower_layers: int | None = Field(
         default=None, ge=1, description="k: the frozen layers that encode each distinct behaviour once (None: L // 2)"
@@ -78,7 +80,7 @@ class LLMConfig(RecipeModel):
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_target_modules: list[str] | str = "all-linear"
-    lr: float = Field(default=2e-4, description="learning rate of the LLM's trainable weights (the head keeps train.lr)")
+    learning_rate: float = Field(default=2e-4, description="learning rate of the LLM's trainable weights (the head keeps train.learning_rate)")
     behaviour_template: str = "{title}"  # one behaviour's text (an item title; a query in a search log)
     max_behaviour_tokens: int = Field(default=24, ge=1, description="a behaviour text is cut to this many tokens")
     history_separator: str = Field(default="; ", description="llm_ctr: the history's titles joined into one text")
@@ -140,11 +142,15 @@ class ModelConfig(RecipeModel):
 
 
 class TrainConfig(RecipeModel):
-    batch_size: int = 2048
-    lr: float = 1e-3
+    """The CTR models' training settings, under Hugging Face `TrainingArguments` names (the vocabulary of every stage)."""
+
+    renamed_keys: ClassVar[dict[str, str]] = {"batch_size": "per_device_train_batch_size", "lr": "learning_rate",
+                                              "max_epochs": "num_train_epochs", "patience": "early_stopping_patience"}
+    per_device_train_batch_size: int = 2048
+    learning_rate: float = 1e-3
     weight_decay: float = 1e-5
-    max_epochs: int = 10
-    patience: int = 2
+    num_train_epochs: int = 10
+    early_stopping_patience: int = 2
     num_threads: int | None = None
     max_train_samples: int | None = Field(default=None, description="train on a fixed random subsample (LLM backbones on few cores)")
     max_eval_samples: int | None = Field(default=None, description="validate / test on a fixed random subsample")
@@ -169,9 +175,9 @@ class TuningConfig(RecipeModel):
 
     budget: int = Field(default=1, ge=1, description="settings tried per variant (1: the recipe's setting only)")
     seed: int = 0
-    space: dict[Literal["embed_dim", "dropout", "weight_decay", "lr"], list[float]] = Field(
+    space: dict[Literal["embed_dim", "dropout", "weight_decay", "learning_rate"], list[float]] = Field(
         default_factory=lambda: {"embed_dim": [16, 32, 64], "dropout": [0.0, 0.2, 0.5],
-                                 "weight_decay": [1e-5, 1e-4, 1e-3], "lr": [3e-4, 1e-3, 3e-3]}
+                                 "weight_decay": [1e-5, 1e-4, 1e-3], "learning_rate": [3e-4, 1e-3, 3e-3]}
     )
 
 
@@ -227,12 +233,40 @@ class CTRRecipe(RecipeModel):
     )
     adaptors: list[Literal["kar", "mlp"]] = Field(default_factory=lambda: ["kar", "mlp"])
 
+    @property
+    def mode(self) -> str:
+        """text (DIN / DCN with dense inputs), bahe (an LLM tower: bahe or llm_ctr) or larr (scene encoder)."""
+        if self.model.backbone in ("bahe", "llm_ctr"):
+            return "bahe"
+        return "larr" if self.model.scene == "larr" else "text"
+
+    @model_validator(mode="after")
+    def _no_key_the_mode_ignores(self):
+        """A key the recipe's mode never reads is refused by name (it used to be dropped without a word)."""
+        ignored = [f"{k}" for k in sorted(self.model_fields_set & MODE_IGNORES[self.mode])]
+        ignored += [f"model.{k}" for k in sorted(self.model.model_fields_set & MODEL_IGNORES[self.mode])]
+        if self.mode == "bahe" and len(self.adaptors) > 1 and "adaptors" in self.model_fields_set:
+            ignored.append(f"adaptors after the first ({self.adaptors[1:]})")
+        if self.mode == "bahe" and self.model.scene != "none":
+            ignored.append(f"model.scene: {self.model.scene}")
+        if ignored:
+            raise ValueError(f"{self.mode} mode (model.backbone: {self.model.backbone}, model.scene: {self.model.scene}) "
+                             f"does not read: {', '.join(ignored)}; remove them, or choose the mode that uses them")
+        return self
+
     @model_validator(mode="after")
     def _valid_band_fits(self):
         if self.split.eval_percent.user + self.valid_percent > 100:
             raise ValueError(f"split.eval_percent.user ({self.split.eval_percent.user}) + valid_percent "
                              f"({self.valid_percent}) is over 100")
         return self
+
+
+# What each mode of `eval ctr` never reads (checked by CTRRecipe): the verdict machinery (text variants, tuning, floors,
+# intervals, costs) is the text mode's; the LLM tower's settings are BAHE's; the scene encoder's are LARR's.
+_VERDICT_KEYS = {"variants", "tuning", "floors", "bootstrap", "costs", "llm_embedding"}
+MODE_IGNORES = {"text": set(), "bahe": _VERDICT_KEYS | {"text", "embedding"}, "larr": _VERDICT_KEYS | {"adaptors"}}
+MODEL_IGNORES = {"text": {"llm", "larr", "head"}, "bahe": {"larr"}, "larr": {"llm", "head"}}
 
 
 class ExportFeaturesRecipe(RecipeModel):

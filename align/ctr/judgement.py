@@ -37,7 +37,7 @@ def judgement_choices(run_dir: Path) -> list[str]:
 
 def judgement_table(path: str) -> tuple[list[str], np.ndarray, dict]:
     """(item ids, (n, len(choices) + 2) float32 vectors, info) of a generate run folder."""
-    from recforge.generate.postprocess import read_run_outputs  # refuses an unfinished run in one line
+    from recforge.generations import read_run_outputs  # refuses an unfinished run in one line
 
     run_dir = resolve_path(path)
     choices = judgement_choices(run_dir)

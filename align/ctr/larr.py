@@ -229,15 +229,15 @@ def align_before(model: SceneCTRModel, teacher: CTRModel, split: SampleArrays, r
                  train_cfg: TrainConfig, rng: np.random.Generator) -> list[float]:
     """schedule=before: the aggregator learns to point at a trained IDs-only model's collaborative vectors."""
     teacher.eval()
-    optim = torch.optim.AdamW(model.aggregator.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    optim = torch.optim.AdamW(model.aggregator.parameters(), lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay)
     target, history, rating, r = _tensors(split, rows)
     losses = []
     for _ in range(cfg.align_epochs):
         model.train()
         order = torch.from_numpy(rng.permutation(len(split)))
         total = 0.0
-        for start in range(0, len(split), train_cfg.batch_size):
-            idx = order[start : start + train_cfg.batch_size]
+        for start in range(0, len(split), train_cfg.per_device_train_batch_size):
+            idx = order[start : start + train_cfg.per_device_train_batch_size]
             with torch.no_grad():
                 collab = teacher.logits_and_collaborative(target[idx], history[idx], rating[idx], [])[1]
             loss = info_nce(model.scene_vector(r[idx]), collab, cfg.temperature)
@@ -261,7 +261,7 @@ def train_scene_variant(variant: str, splits: dict[str, SampleArrays], scene: Sc
     if weight and cfg.schedule == "before":
         pre = align_before(model, teacher, splits["train"], scene.rows["train"], cfg, train_cfg, rng)
         weight = 0.0  # aligned first; the CTR loss alone from here
-    optim = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    optim = torch.optim.AdamW(model.parameters(), lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay)
     target, history, rating, rows = _tensors(splits["train"], scene.rows["train"])
     label = torch.from_numpy(splits["train"].label)
     parts = {"bce": 0.0, "align": 0.0}

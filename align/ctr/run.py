@@ -22,16 +22,16 @@ from recforge.align.ctr.data import build_ctr_data, item_texts, render_template,
 from recforge.align.ctr.train import DenseInput, train_ctr_model
 from recforge.align.ctr.features import FeatureExpectation, align_to_ids, load_feature_table, write_feature_table
 from recforge.config import RecforgeError
-from recforge.data_recipes.readers import RejectLog, read_interactions, read_items
+from recforge.readers import RejectLog, features_table, read_interactions, read_items
 from recforge.io import atomic_write_json, atomic_write_text, resolve_path, sha256_file
 from recforge.manifest import RunRecorder
 
 
 def embedding_model_path(cfg: EmbeddingConfig) -> str:
     """The encoder folder, after the check every model load goes through (`recforge.models.check_model_folder`)."""
-    from recforge.models import check_model_folder, minilm_path
+    from recforge.models import check_model_folder, resolve_model
 
-    path = str(minilm_path()) if cfg.model == "minilm" else cfg.model
+    path = resolve_model(cfg.model)
     check_model_folder(path, "embedding.model")
     return path
 
@@ -96,17 +96,9 @@ def _texts_hash(texts: dict[str, str]) -> str:
 
 
 def knowledge_texts(path: str) -> dict[str, dict[str, str]]:
-    """generate's features table -> {"item": {id: text}, "user": {id: text}} (knowledge, summary, tags joined)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    root = resolve_path(path)
-    files = sorted(root.glob("**/*.parquet")) if root.is_dir() else [root]
-    if not files:
-        raise RecforgeError(f"inputs.knowledge: no .parquet file in {root} (expected generate-export's features table)")
-    table = pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
-    if "entity_type" not in table.column_names or "entity_id" not in table.column_names:
-        raise RecforgeError(f"inputs.knowledge: {root} has no entity_type / entity_id columns (columns: {table.column_names})")
+    """generate's features table (a file or a folder, `recforge.readers.features_table`) -> {"item": {id: text},
+    "user": {id: text}} (knowledge, summary, tags joined)."""
+    table = features_table(path, "inputs.knowledge", required=("entity_type", "entity_id"))
     out: dict[str, dict[str, str]] = {"item": {}, "user": {}}
     for row in table.to_pylist():
         parts = [row.get("knowledge") or "", row.get("summary") or ""]

@@ -84,7 +84,7 @@ def train_ctr_model(
         torch.set_num_threads(train_cfg.num_threads)
     model = CTRModel(model_cfg, n_items, [d.matrix.shape[1] for d in dense], adaptor)
     mats = [torch.from_numpy(np.ascontiguousarray(d.matrix, dtype=np.float32)) for d in dense]
-    optim = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    optim = torch.optim.AdamW(model.parameters(), lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     (target, history, rating, label), rows = _tensors(splits["train"], dense)
 
@@ -132,13 +132,13 @@ def fit(
     """
     best_auc, best_state, best_epoch, stale, history_log = -1.0, None, -1, 0, []
     started = time.time()
-    for epoch in range(train_cfg.max_epochs):
+    for epoch in range(train_cfg.num_train_epochs):
         model.train()
         order = torch.from_numpy(rng.permutation(n_train))
         total = 0.0
-        starts = range(0, n_train, train_cfg.batch_size)
+        starts = range(0, n_train, train_cfg.per_device_train_batch_size)
         for start in tqdm(starts, desc=f"epoch {epoch}", leave=False) if progress else starts:
-            idx = order[start : start + train_cfg.batch_size]
+            idx = order[start : start + train_cfg.per_device_train_batch_size]
             loss = batch_loss(idx)
             optim.zero_grad()
             loss.backward()
@@ -150,7 +150,7 @@ def fit(
             best_auc, best_state, best_epoch, stale = valid["auc"], copy.deepcopy(model.state_dict()), epoch, 0
         else:
             stale += 1
-            if stale >= train_cfg.patience:
+            if stale >= train_cfg.early_stopping_patience:
                 break
     model.load_state_dict(best_state)
     return Fitted(best_epoch, best_auc, history_log, time.time() - started)

@@ -14,12 +14,12 @@ from typing import Any
 
 from recforge.align.ctr.config import ModelConfig, TrainConfig, TuningConfig
 
-KEYS = ("embed_dim", "dropout", "weight_decay", "lr")
+KEYS = ("embed_dim", "dropout", "weight_decay", "learning_rate")
 
 
 def base_setting(model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict[str, Any]:
     return {"embed_dim": model_cfg.embed_dim, "dropout": model_cfg.dropout,
-            "weight_decay": train_cfg.weight_decay, "lr": train_cfg.lr}
+            "weight_decay": train_cfg.weight_decay, "learning_rate": train_cfg.learning_rate}
 
 
 def candidates(tuning: TuningConfig, model_cfg: ModelConfig, train_cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -36,7 +36,7 @@ def candidates(tuning: TuningConfig, model_cfg: ModelConfig, train_cfg: TrainCon
 def apply(setting: dict[str, Any], model_cfg: ModelConfig, train_cfg: TrainConfig) -> tuple[ModelConfig, TrainConfig]:
     """The configs of one setting."""
     return (model_cfg.model_copy(update={"embed_dim": int(setting["embed_dim"]), "dropout": float(setting["dropout"])}),
-            train_cfg.model_copy(update={"weight_decay": float(setting["weight_decay"]), "lr": float(setting["lr"])}))
+            train_cfg.model_copy(update={"weight_decay": float(setting["weight_decay"]), "learning_rate": float(setting["learning_rate"])}))
 
 
 def tune_and_train(train_fn, tuning: TuningConfig, model_cfg: ModelConfig, train_cfg: TrainConfig,

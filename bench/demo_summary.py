@@ -1,8 +1,8 @@
-"""`recforge demo-summary DIR`: one page for `make demo` — each stage's held-out number beside its baseline.
+"""`python bench/demo_summary.py DIR`: one page for `make demo` — each stage's held-out number beside its baseline.
 
-Reads only the files the stages wrote under DIR (cpt/report.json, tags/tag_eval.json, knowledge/manifest.json,
-align_*/eval/retrieval_metrics.json, ctr*/report.json and the manifests that name model and engine), so it
-imports no stage. Writes DIR/summary.md, DIR/summary.json and DIR/summary.png. A stage whose files are
+Demo glue, so it lives beside the benches, not in the installed package. Reads only the files the stages wrote
+under DIR (cpt/report.json, tags/tag_eval.json, knowledge/manifest.json, align_*/eval/retrieval_metrics.json,
+ctr/verdict.json and the manifests that name model and engine), so it imports no stage. Writes DIR/summary.md, DIR/summary.json and DIR/summary.png. A stage whose files are
 missing is listed as "not run"; nothing is filled in.
 """
 
@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+
+import argparse
+import sys
 
 from recforge.io import atomic_write_json, atomic_write_text
 
@@ -94,22 +97,24 @@ def align_rows(demo: Path) -> list[dict]:
 
 
 def ctr_rows(demo: Path) -> list[dict]:
+    """The CTR verdict's variants (goodbooks): warm-target AUC beside the tuned IDs-only DIN, and the paired deltas
+    with their intervals on warm and on new items."""
+    verdict = _load(demo / "ctr" / "verdict.json")
+    if verdict is None:
+        return [{"stage": "CTR", "measure": "goodbooks verdict (warm / new items)", "status": "not run"}]
+    by = {r["variant"]: r for r in verdict["rows"]}
+    base = by.get("ids_only", {}).get("groups", {}).get("warm", {}).get("auc_mean")
     rows = []
-    for name, label, short in (("ctr", "MiniLM text", "MiniLM"), ("ctr_llm", "aligned-LLM text", "LLM")):
-        report = _load(demo / name / "report.json")
-        if report is None:
-            rows.append({"stage": "CTR", "measure": f"goodbooks AUC ({label})", "status": "not run"})
+    for variant, r in by.items():
+        if variant == "ids_only":
             continue
-        by_variant = {r["variant"]: r for r in report["summary"]}
-        ids = by_variant.get("ids_only", {}).get("auc_mean")
-        for variant, r in by_variant.items():
-            if variant == "ids_only":
-                continue
-            rows.append({"stage": "CTR", "measure": f"goodbooks test AUC, {variant} ({label}, {r.get('adaptor') or '-'})",
-                         "result": round(r["auc_mean"], 4), "baseline": None if ids is None else round(ids, 4),
-                         "baseline_name": "IDs only (same DIN model)", "label": f"{variant} ({short})",
-                         "change": None if ids is None else f"{r['auc_mean'] - ids:+.4f}",
-                         "model": _model_of(demo / name), "engine": "torch (DIN)"})
+        warm, new = r["groups"].get("warm", {}), r["groups"].get("new", {})
+        change = "; ".join(f"{g} {d['delta']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"
+                           for g, d in (("warm", warm), ("new", new)) if d.get("delta") is not None)
+        rows.append({"stage": "CTR", "measure": f"goodbooks warm-target AUC, {variant} ({r['kind']})",
+                     "result": round(warm["auc_mean"], 4), "baseline": None if base is None else round(base, 4),
+                     "baseline_name": "tuned IDs-only DIN", "label": variant, "change": change,
+                     "model": _model_of(demo / "ctr"), "engine": "torch (DIN)"})
     return rows
 
 
@@ -168,7 +173,12 @@ def plot(rows: list[dict], path: Path) -> None:
     tmp.replace(path)
 
 
-def add_command(sub) -> None:
-    p = sub.add_parser("demo-summary", help="`make demo`'s one-page summary: each stage's number beside its baseline")
-    p.add_argument("demo_dir", nargs="?", default="runs/demo")
-    p.set_defaults(handler=lambda args: print(markdown(summarise(args.demo_dir)["rows"])) or 0)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("demo_dir", nargs="?", default="runs/demo")
+    print(markdown(summarise(parser.parse_args(argv).demo_dir)["rows"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
