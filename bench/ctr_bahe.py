@@ -87,7 +87,7 @@ def child(spec_path: str) -> dict:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
         pass
-    opt = optimizer(model, TrainConfig(), cfg.llm.lr)
+    opt = optimizer(model, TrainConfig(), cfg.llm.learning_rate)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     target, history, rating, label = (torch.from_numpy(batches[k]) for k in ("target", "history", "rating", "label"))
     n_steps, bs = spec["warmup"] + spec["steps"], spec["batch"]

@@ -70,21 +70,28 @@ def llm_items(dataset: str, items_path: str, id_field: str, warm_percent: int, o
     return info
 
 
+def _is_part_of(entry: str, step: str) -> bool:
+    base, _, index = entry.rpartition("_")
+    return entry == step or (base == step and index.isdigit())
+
+
 def measured_generation(gen_times: Path | None, dataset: str) -> dict:
+    """Each LLM input's measured generation from a JSONL of /usr/bin/time entries; data-parallel shards of one step
+    (`<step>_0`, `<step>_1`, ...) add up: CPU summed, wall = the slowest shard."""
     if gen_times is None or not gen_times.is_file():
         return {}
-    steps = {}
-    for line in gen_times.read_text(encoding="utf-8").splitlines():
-        entry = json.loads(line)
-        steps[entry["step"]] = entry
+    entries = [json.loads(line) for line in gen_times.read_text(encoding="utf-8").splitlines() if line.strip()]
     out = {}
     for name, step in GEN_STEPS[dataset].items():
-        if step in steps and steps[step]["rc"] == 0:
-            e = steps[step]
-            cpu = e["cpu_user_seconds"] + e["cpu_sys_seconds"]
-            out[name] = {"wall_seconds": e["wall_seconds"], "cpu_seconds": round(cpu, 1), "cpu_hours": round(cpu / 3600, 4),
-                         "load_average_1min_start": e["load_start"], "load_average_1min_end": e["load_end"],
-                         "method": "/usr/bin/time around `recforge generate` (user + system CPU of it and its children)"}
+        parts = [e for e in entries if e["rc"] == 0 and _is_part_of(e["step"], step)]
+        if not parts:
+            continue
+        cpu = sum(e["cpu_user_seconds"] + e["cpu_sys_seconds"] for e in parts)
+        out[name] = {"wall_seconds": max(e["wall_seconds"] for e in parts), "cpu_seconds": round(cpu, 1),
+                     "cpu_hours": round(cpu / 3600, 4), "processes": len(parts),
+                     "load_average_1min_start": min(e["load_start"] for e in parts),
+                     "load_average_1min_end": max(e["load_end"] for e in parts),
+                     "method": "/usr/bin/time around `recforge generate` (user + system CPU of it and its children)"}
     return out
 
 

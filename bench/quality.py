@@ -313,7 +313,7 @@ def goal(flag: bool | None) -> str:
 def markdown(report: dict) -> str:
     lines = ["# recforge quality on held-out data (`make quality`, bench/quality.py)", "",
              f"Seeds {report['seeds']} (mean ± sd over seeds). LLM: SmolLM2-135M-Instruct; CTR knowledge: "
-             "Qwen2.5-0.5B-Instruct (Q4_K_M GGUF, dequantised); text encoder for CTR: MiniLM. "
+             "the qwen2.5-0.5b alias, Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, dequantised); text encoder for CTR: MiniLM. "
              f"Engine for generation: {report['engine']}. Steps' wall time: {report['run_seconds']:.0f} s.", ""]
     cpt = report["cpt"]
     lines += ["## CPT: held-out perplexity of SmolLM2 (LoRA, the demo recipe)", "",
@@ -350,7 +350,7 @@ def markdown(report: dict) -> str:
     lines += ["", f"Goals: aligned SmolLM2 ≥ untuned MiniLM: {goal(a['goals']['aligned_smollm2_ge_untuned_minilm'])}; "
               f"CPT'd-then-aligned ≥ base-aligned: {goal(a['goals']['cpt_aligned_ge_base_aligned'])}.", ""]
     lines += ["## CTR verdict: DIN test AUC, Δ vs the tuned IDs-only DIN [95 % paired bootstrap over test users]", "",
-              "LLM inputs by Qwen2.5-0.5B-Instruct (KAR knowledge, a greedy audience-reception judgement) and the aligned "
+              "LLM inputs by the qwen2.5-0.5b alias, Qwen2.5-Coder-0.5B-Instruct (KAR knowledge, a greedy audience-reception judgement) and the aligned "
               "SmolLM2 embedder; ✔: the interval excludes 0. Full tables: `eval ctr`'s verdict.md.", ""]
     for dataset, e in report["ctr"].items():
         if "status" in e:

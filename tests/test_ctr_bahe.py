@@ -120,7 +120,7 @@ def test_bahe_trains_only_the_upper_layers_and_llm_ctr_runs_on_tokens(tiny, tmp_
     t, h, r, y = (torch.from_numpy(a) for a in (split.target, split.history, split.history_rating, split.label))
     for kind in ("bahe", "llm_ctr"):
         model = build_model(kind, setup, cfg, n_items, "mlp", fresh_base=True)
-        opt = optimizer(model, TrainConfig(lr=1e-2), 1e-2)
+        opt = optimizer(model, TrainConfig(learning_rate=1e-2), 1e-2)
         lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
         assert lora and all(not p.requires_grad for n, p in model.named_parameters() if "base_layer" in n)
         logits = model(t, h, r)

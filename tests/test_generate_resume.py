@@ -213,8 +213,9 @@ def test_retry_failed_flag_retries_deterministic_failures(tiny_model_dir, tmp_pa
     assert engine.calls == []
 
     assert main([*cmd, "--retry-failed"]) == 0
-    # Both chunks' failed rows in one engine call per attempt (max_retries=1: two attempts).
-    assert engine.calls == [["1", "2", "3", "4"], ["1", "2", "3", "4"]]
+    # At most a chunk's worth of failed rows per engine call on the transformers engine (chunk_size 2), each call
+    # with its attempts (max_retries=1: two)
+    assert engine.calls == [["1", "2"], ["1", "2"], ["3", "4"], ["3", "4"]]
     again = failed_lines(out)
     assert sorted(f["id"] for f in again) == ["1", "2", "3", "4"]  # each still exactly once
     # The attempt count goes on (3rd and 4th attempts): a retry draws new seeds instead of repeating the first two.

@@ -595,8 +595,9 @@ def verdict_goals(verdict: dict, entries: dict, test, groups: dict, cfg: CTRReci
                 w = user_resample_weights(test.user_ids, cfg.bootstrap.resamples, cfg.bootstrap.seed)[:, idx]
                 d = paired_delta([s[idx] for s in entries[best["variant"]]["scores"]],
                                  [s[idx] for s in entries[text["variant"]]["scores"]], test.label[idx], w, cfg.bootstrap.level)
+                # a lift whose interval includes 0 is not a lift
                 goals.append({"goal": "best LLM-derived variant beats the MiniLM title/genre text variant on new items",
-                              "met": bool(d["delta"] > 0),
+                              "met": bool(d["delta"] > 0 and d["ci_low"] > 0),
                               "detail": f"{best['variant']} − {text['variant']}: {d['delta']:+.4f} [{d['ci_low']:+.4f}, "
                                         f"{d['ci_high']:+.4f}]{' (interval excludes 0)' if d['excludes_zero'] else ' (interval includes 0)'}"})
     return goals
