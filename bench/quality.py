@@ -351,7 +351,7 @@ def markdown(report: dict) -> str:
               f"CPT'd-then-aligned ≥ base-aligned: {goal(a['goals']['cpt_aligned_ge_base_aligned'])}.", ""]
     lines += ["## CTR verdict: DIN test AUC, Δ vs the tuned IDs-only DIN [95 % paired bootstrap over test users]", "",
               "LLM inputs by the qwen2.5-0.5b alias, Qwen2.5-Coder-0.5B-Instruct (KAR knowledge, a greedy audience-reception judgement) and the aligned "
-              "SmolLM2 embedder; ✔: the interval excludes 0. Full tables: `eval ctr`'s verdict.md.", ""]
+              "SmolLM2 embedder; ✔: the interval excludes 0. Full tables: `recforge train-ctr`'s verdict.md.", ""]
     for dataset, e in report["ctr"].items():
         if "status" in e:
             lines += [f"- {dataset}: {e['status']}", ""]
