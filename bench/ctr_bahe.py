@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 from peak_memory import reset_hwm, status_bytes  # bench/peak_memory.py (scripts run from bench/)
+from results_dir import results_dir  # bench/results_dir.py: MovieLens results stay under runs/
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -310,7 +311,7 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     # a smoke run is not a measurement: it stays out of bench/results
-    out_path = Path(args.out) if args.out else (REPO / "runs/bench/results/ctr_bahe_quick.json" if args.quick else RESULTS / "ctr_bahe.json")
+    out_path = Path(args.out) if args.out else (REPO / "runs/bench/results/ctr_bahe_quick.json" if args.quick else results_dir("movielens") / "ctr_bahe.json")
     load_before = os.getloadavg()
     started = time.time()
     work = REPO / "runs" / "bench" / "ctr_bahe"

@@ -41,6 +41,9 @@ sys.path.insert(0, str(ROOT))
 
 from recforge.io import atomic_write_json, atomic_write_text  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from results_dir import results_dir  # noqa: E402
+
 RF = [sys.executable, "-m", "recforge"]
 STAGES = ("cpt", "tags", "relevance", "align", "ctr")
 MOVIELENS = str((ROOT / os.environ.get("MOVIELENS", "../shared/data/movielens_100k")).resolve())  # never committed
@@ -397,6 +400,10 @@ def main() -> int:
         run_steps(steps + shared_steps(q, stages, engine), q)
     report = build_report(q, args.seeds, engine)
     out = ROOT / args.out
+    # MovieLens-100K's CTR rows stay under runs/ (never committed); the committed table holds the rest
+    movielens = report["ctr"].pop("movielens", None)
+    if movielens is not None:
+        atomic_write_json(results_dir("movielens") / "quality_ctr_movielens.json", movielens)
     atomic_write_json(out.with_suffix(".json"), report)
     atomic_write_text(out.with_suffix(".md"), markdown(report))
     print(markdown(report))
