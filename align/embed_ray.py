@@ -9,8 +9,8 @@ Ray Data (`map_batches` + a writer) would own the rows and its own idea of what 
   one plan.json, one part layout; a changed catalogue or model is refused, `--overwrite` discards the earlier
   outputs once, here (a retried shard must resume, never start over).
 - Encode (Ray task per shard i/N): the parts s with s % N == i that are not on disk. The worker derives the work
-  from the catalogue and the model itself and checks it against plan.json (a catalogue or model changed while
-  the job ran is refused, never mixed in): same parts, same batches, same vectors as one process, which is this
+  from the catalogue and the model itself and checks it against plan.json (`recforge.run_contract.check`: a
+  catalogue or model changed while the job ran is refused, never mixed in): same parts, same batches, same vectors as one process, which is this
   with N = 1. A worker that dies is retried by Ray; a shard that raised is resubmitted by the driver.
 - Finish (driver): only when every part exists, the exactly-once coverage check, the faiss index and the manifest
   (`complete: true`); otherwise the manifest says `complete: false` and names the shards that kept failing
@@ -21,7 +21,6 @@ Ray Data (`map_batches` + a writer) would own the rows and its own idea of what 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -79,21 +78,21 @@ def embed_shard(shard: str, cfg_json: dict[str, Any]) -> dict[str, Any]:
     """Encode the parts of one shard ("i/N") in a Ray worker (module level, so workers can import it)."""
     from recforge.readers import RejectLog
 
-    from .embed import PLAN, PROGRESS_DIR, encode_parts, items_in, part_path, prepare_work, shard_parts
+    from recforge import run_contract
+
+    from .embed import PLAN, PROGRESS_DIR, encode_parts, items_in, load_plan, part_path, prepare_work, shard_parts
 
     spec = ShardSpec.parse(shard)
     cfg = EmbedConfig.model_validate(cfg_json)
     out_dir = Path(cfg.out_dir)
     try:
         work = prepare_work(cfg, RejectLog())  # the driver's rejects.jsonl already holds the catalogue's rejects
-        try:
-            recorded = json.loads((out_dir / PLAN).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise RecforgeError(f"{out_dir / PLAN}: not readable ({type(err).__name__}); the driver writes it first") from None
-        if recorded != work.plan:
-            diff = sorted(k for k in set(recorded) | set(work.plan) if recorded.get(k) != work.plan.get(k))
-            raise RecforgeError(f"{out_dir / PLAN}: the catalogue or model changed while the job ran ({', '.join(diff)}); "
-                                "rerun the job (--overwrite to start over)")
+        recorded = load_plan(out_dir / PLAN)
+        if recorded is None:
+            raise RecforgeError(f"{out_dir / PLAN}: not found; the driver writes it first")
+        problem = run_contract.check(recorded, work.contract, out_dir / PLAN)  # changed while the job ran
+        if problem:
+            raise RecforgeError(problem)
     except RecforgeError as err:  # the user's input: every retry would fail the same way
         return {"problem": f"RecforgeError: {err}", "fatal": True}
     shard_dir = out_dir / "shards"
@@ -125,7 +124,7 @@ def run_embed_on_ray(cfg: EmbedConfig, shards: int, address: str | None = None, 
     """Plan, encode every shard's parts on Ray, then check and index (see the module doc).
 
     Returns `recforge.align.embed.run_embed`'s figures plus `complete`, `stopped` and the `manifest`."""
-    from recforge.ray_executor import init_ray, run_shards
+    from recforge.ray_executor import init_ray, run_shards, shard_records, stopped_reason
     from recforge.runstate import output_lock
 
     from .embed import PROGRESS_DIR, REJECTS, finish_embed, items_in, parts_on_disk, start_embed
@@ -160,16 +159,12 @@ def run_embed_on_ray(cfg: EmbedConfig, shards: int, address: str | None = None, 
         done_after = parts_on_disk(work, shard_dir)
         encoded = items_in(work, done_after) - items_in(work, done_before)
         items_per_s = encoded / elapsed if encoded and elapsed > 0 else 0.0
-        failed = [o for o in outcomes if o.problem]
         missing = sorted(set(range(len(work.parts))) - set(done_after))
-        stopped = "; ".join(f"shard {o.shard} failed after {o.attempts} attempt(s): {o.problem}" for o in failed) or (
-            f"parts {missing[:10]} of {len(work.parts)} are missing" if missing else None)
+        stopped = stopped_reason(outcomes) or (f"parts {missing[:10]} of {len(work.parts)} are missing" if missing else None)
         extra = {
             "executor": {"kind": "ray", "address": address, "shards": shards, "cpus_per_shard": cpus_per_shard,
                          "gpus_per_shard": gpus_per_shard, "max_retries": max_retries},
-            "shards": [{"shard": o.shard, "attempts": o.attempts, "problem": o.problem,
-                        "earlier_problems": o.history[:-1] if o.problem else o.history, **(o.result or {})}
-                       for o in outcomes],
+            "shards": shard_records(outcomes),
             "items_per_s": items_per_s, "encoded_this_run": encoded, "resumed_shards": len(done_before),
             "batches": len(work.batches), "sorted_by_tokens": cfg.sort_by_length,
             "complete": stopped is None, "stopped": stopped,

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from recforge.config import RecforgeError
 from recforge.io import parquet_files, resolve_path
-from recforge.readers import FileKey, RejectLog, SourceConfig, read_esci, read_records
+from recforge.esci import read_esci
+from recforge.readers import FileKey, RejectLog, SourceConfig, read_records
 from recforge.splits import DEFAULT_RULE, SplitRule, entity_leakage, is_eval, leakage_check, stable_hash
 
 from .align_config import DataConfig, EsciSource, MovieLensSource

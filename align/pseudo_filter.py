@@ -27,7 +27,7 @@ def read_generated_queries(path: str, allow_partial: bool = False, notes: list |
 
     p = resolve_path(path)
     if p.is_file() and p.suffix == ".parquet":
-        from recforge.readers import read_features_table
+        from recforge.features_table import read_features_table
 
         rows = read_features_table(str(p), "pseudo_filter.generated")
         return {str(r["entity_id"]): list(r.get("pseudo_queries") or []) for r in rows if r.get("pseudo_queries")}

@@ -31,7 +31,11 @@ VARIANTS = {
     "minilm_pseudo": ("align/recipes/esci_minilm_pseudo.yaml", True),
     "smollm2_real": ("align/recipes/esci_smollm2.yaml", False),
     "smollm2_pseudo": ("align/recipes/esci_smollm2.yaml", True),
+    # the same recipe from the CPT'd SmolLM2 (--cpt-model, one merged CPT model per seed)
+    "smollm2_cpt_real": ("align/recipes/esci_smollm2.yaml", False),
+    "smollm2_cpt_pseudo": ("align/recipes/esci_smollm2.yaml", True),
 }
+MODELS = ("minilm", "smollm2", "smollm2_cpt")
 
 
 def sh(cmd: list[str], log: Path, threads: int) -> tuple[int, float, float, float]:
@@ -56,11 +60,14 @@ def main() -> int:
     ap.add_argument("--generated", default="runs/generate/esci_pseudo_queries")
     ap.add_argument("--filter-recipe", default="align/recipes/esci_pseudo_filter.yaml")
     ap.add_argument("--filter-overrides", nargs="*", default=[])
+    ap.add_argument("--generate-load", help="the load average the generation ran at (recorded beside its time)")
     ap.add_argument("--pseudo-weight", type=float, default=1.0)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--extra", nargs="*", default=[], help="overrides for every align run")
-    ap.add_argument("--llm-extra", nargs="*", default=[], help="overrides for the SmolLM2 runs (e.g. backbone.path=CPT)")
+    ap.add_argument("--llm-extra", nargs="*", default=[], help="overrides for the SmolLM2 runs")
+    ap.add_argument("--cpt-model", default="runs/bench/cpt/seed{seed}/merged/merged",
+                    help="the CPT'd SmolLM2 of the smollm2_cpt_* variants ({seed}: the align seed's own CPT run)")
     ap.add_argument("--runs", default="runs/bench/align_pseudo")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--parallel", type=int, default=1, help="align runs at once (each with --threads)")
@@ -79,9 +86,11 @@ def main() -> int:
     if gen_manifest.is_file():
         m = json.loads(gen_manifest.read_text())
         steps["generate"] = {"manifest": str(gen_manifest.relative_to(ROOT)) if gen_manifest.is_relative_to(ROOT) else str(gen_manifest),
-                             **{k: m.get(k) for k in ("wall_seconds", "duration_seconds", "elapsed_seconds") if k in m},
-                             "counts": m.get("counts") or m.get("extra", {}).get("counts"),
-                             "model": (m.get("extra") or {}).get("model") or m.get("model")}
+                             "elapsed_s": m.get("elapsed_s"), "engine": m.get("engine"), "load_avg": args.generate_load,
+                             "model": (m.get("model_used") or {}).get("name_or_path"), "items": m.get("input_rows"),
+                             "rows_ok": (m.get("progress") or {}).get("rows_done"),
+                             "rows_failed": (m.get("failures") or {}).get("rows"),
+                             "tokens": {k: (m.get("progress") or {}).get(k) for k in ("prompt_tokens", "completion_tokens")}}
 
     filt_dir = runs / "filter"
     need_pseudo = any(VARIANTS[v][1] for v in args.variants)
@@ -118,6 +127,8 @@ def main() -> int:
             cmd = [rf, "align", recipe, f"seed={seed}", f"out_dir={out}", *args.extra]
             if variant.startswith("smollm2"):
                 cmd += args.llm_extra
+            if variant.startswith("smollm2_cpt"):
+                cmd.append(f"backbone.path={args.cpt_model.format(seed=seed)}")
             if pseudo:
                 cmd += [extra_pairs, "loss.use_pair_weights=true"]
             if seed != args.seeds[0]:
@@ -167,7 +178,7 @@ def summarize(report: dict, seeds: list[int]) -> None:
             table[variant.replace("_real", "_untuned")] = {m: stats([x for x in col(variant, "base", m) if x is not None][:1])
                                                              for m in METRICS}
     lifts = {}
-    for model in ("minilm", "smollm2"):
+    for model in MODELS:
         a, b = col(f"{model}_real", "tuned", "ndcg@10"), col(f"{model}_pseudo", "tuned", "ndcg@10")
         d = [y - x for x, y in zip(a, b) if x is not None and y is not None]
         if d:
@@ -176,9 +187,11 @@ def summarize(report: dict, seeds: list[int]) -> None:
     report["pseudo_lift_ndcg@10"] = lifts
     mini = lifts.get("minilm")
     llm = table.get("smollm2_real", {}).get("ndcg@10", {}).get("mean")
+    cpt = table.get("smollm2_cpt_real", {}).get("ndcg@10", {}).get("mean")
     report["goals"] = {
         "minilm_pseudo_lift_ge_0.03_every_seed_positive": None if not mini else (mini["mean"] >= 0.03 and mini["every_seed_positive"]),
         "smollm2_base_aligned_ge_0.35": None if llm is None else llm >= 0.35,
+        "smollm2_cpt_aligned_ge_base_aligned": None if llm is None or cpt is None else cpt >= llm,
         "smollm2_aligned_ge_untuned_minilm": None if llm is None or "minilm_untuned" not in table
         else llm >= table["minilm_untuned"]["ndcg@10"]["mean"],
     }
@@ -193,8 +206,20 @@ def markdown(report: dict) -> str:
     for k, v in t.items():
         cells = [f"{v[m]['mean']:.4f} ± {v[m]['sd']:.4f} (n={v[m]['n']})" if v[m]["mean"] is not None else "—" for m in METRICS]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    g = report.get("steps", {}).get("generate", {})
+    if g:
+        lines += ["", f"Generator: {g.get('model')} on the {(g.get('engine') or {}).get('kind')} engine "
+                      f"({report.get('generated')}): {g.get('rows_ok')} of {g.get('items')} items answered "
+                      f"({g.get('rows_failed')} failed validation after retries), {g.get('elapsed_s')} s wall"
+                      + (f" at load average {g['load_avg']}" if g.get("load_avg") else "") + "."]
+    walls = {}
+    for key, row in report.get("runs", {}).items():
+        walls.setdefault(key.split("/")[0], []).append(row.get("wall_seconds"))
+    if walls:
+        lines += ["", "Align + eval wall seconds per run (mean; load averages in the JSON): "
+                  + ", ".join(f"{v} {statistics.fmean([w for w in ws if w]):.0f}" for v, ws in walls.items() if any(ws))]
     if f:
-        lines += ["", f"Pseudo-queries: {f.get('generated_queries')} generated for {f.get('items_with_queries')} items, "
+        lines += ["", f"Filter {(f.get('seconds') or {}).get('total')} s. Pseudo-queries: {f.get('generated_queries')} generated for {f.get('items_with_queries')} items, "
                       f"{f.get('kept_pairs')} kept ({100 * f.get('kept_share', 0):.1f} %, own item in the top {f.get('top_k')} by "
                       f"{f.get('model')})."]
     for model, lift in report.get("pseudo_lift_ndcg@10", {}).items():

@@ -48,7 +48,7 @@ def llm_items(dataset: str, items_path: str, id_field: str, warm_percent: int, o
 
     from recforge.align.ctr.config import CTRRecipe
     from recforge.config import load_recipe
-    from recforge.io import resolve_path
+    from recforge.io import atomic_path, resolve_path
     from recforge.splits import is_eval, stable_hash
 
     rule = load_recipe(CTRRecipe, DATASETS[dataset], []).split
@@ -62,8 +62,7 @@ def llm_items(dataset: str, items_path: str, id_field: str, warm_percent: int, o
             if held or stable_hash("llm-items:" + item) % 100 < warm_percent:
                 kept.append(line.rstrip("\n"))
                 new += held
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with gzip.open(out, "wt", encoding="utf-8") as f:
+    with atomic_path(out) as tmp, gzip.open(tmp, "wt", encoding="utf-8") as f:
         f.write("\n".join(kept) + "\n")
     info = {"dataset": dataset, "items": total, "kept": len(kept), "new_items": new, "warm_percent": warm_percent, "path": str(out)}
     print(json.dumps(info))
@@ -119,10 +118,13 @@ def collect(dataset: str, runs: Path, gen_times: Path | None) -> bool:
         md += "\nGeneration (measured): " + "; ".join(
             f"{k}: {v['wall_seconds']:.0f} s wall, {v['cpu_hours']:.3f} CPU-h, load {v['load_average_1min_start']}→{v['load_average_1min_end']}"
             for k, v in measured.items()) + "\n"
+    from recforge.io import atomic_path, atomic_write_json, atomic_write_text
+
     out = results_dir(dataset)  # MovieLens results stay under runs/ (never committed)
-    (out / f"ctr_verdict_{dataset}.json").write_text(json.dumps(verdict, indent=2) + "\n", encoding="utf-8")
-    (out / f"ctr_verdict_{dataset}.md").write_text(md, encoding="utf-8")
-    shutil.copyfile(src / "verdict.png", out / f"ctr_verdict_{dataset}.png")
+    atomic_write_json(out / f"ctr_verdict_{dataset}.json", verdict)
+    atomic_write_text(out / f"ctr_verdict_{dataset}.md", md)
+    with atomic_path(out / f"ctr_verdict_{dataset}.png") as tmp:
+        shutil.copyfile(src / "verdict.png", tmp)
     print(md)
     return True
 

@@ -97,7 +97,7 @@ def worker(folder: Path, out: Path, shard_text: str | None = None, compare_dicts
     """One `recforge data` run (`run_data`, what the CLI calls) with its phases timed and their peak RSS."""
     from recforge.config import load_recipe
     from recforge.data_recipes import build
-    from recforge.data_recipes import builders as B
+    from recforge.data_recipes import in_context as B
     from recforge.data_recipes.recipe_config import DataRecipe
     from recforge.data_recipes.splits import SplitConfig
     from recforge.shards import ShardSpec
@@ -174,7 +174,7 @@ def worker(folder: Path, out: Path, shard_text: str | None = None, compare_dicts
 def merge_worker(folder: Path, out: Path) -> dict:
     """One `recforge data --merge` run (`merge_shards`), timed, with its own peak RSS."""
     from recforge.config import load_recipe
-    from recforge.data_recipes.build import merge_shards
+    from recforge.data_recipes.shard_merge import merge_shards
     from recforge.data_recipes.recipe_config import DataRecipe
 
     from peak_memory import status_bytes

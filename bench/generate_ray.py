@@ -1,11 +1,14 @@
 """Benchmark: `recforge generate --ray --shards N` vs the plain shard loop (N `recforge generate --shard i/N`
 processes started together, what a SLURM array or a shell loop does), same recipe, rows and engine, side by side.
 
-    .venv/bin/python bench/generate_ray.py [--model smollm2] [--n 96] [--shards 2] [--repeats 2]
+    .venv/bin/python bench/generate_ray.py [--model smollm2] [--n 96] [--shards 2] [--repeats 2] [--out PATH]
 
 Arms alternate (plain, ray, plain, ray, ...) so machine load drifts over both alike; every arm writes a fresh
 folder. Wall seconds are whole commands (process start, model load, Ray start included): the overhead a user
-pays. Both arms must end with the same rows (checked). Writes bench/results/generate_ray.json.
+pays. Both arms must end with the same rows (checked). Each arm records the load average (1, 5, 15 min) just
+before it starts: a number measured under load is only compared with one measured under the same load. The
+thread settings of both arms are recorded too (torch threads per shard, Ray's CPUs per shard, the thread
+variables of the environment the shards inherit). Writes bench/results/generate_ray.json (or --out).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 RF = [sys.executable, "-m", "recforge"]
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TOKENIZERS_PARALLELISM")
 
 
 def write_recipe(tmp: Path, model: str, n: int, threads: int) -> Path:
@@ -69,7 +73,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-ray-"))
     recipe = write_recipe(tmp, model, args.n, threads)
     times: dict[str, list[float]] = {"plain_shard_loop": [], "ray": []}
-    load: list[float] = []
+    load: list[dict] = []
     results = {}
     for r in range(args.repeats):
         for arm in ("plain_shard_loop", "ray"):
@@ -77,7 +81,7 @@ def main() -> None:
             base = [*RF, "generate", str(recipe), f"out_dir={out}", "--no-progress"]
             cmds = ([base + ["--shard", f"{i}/{args.shards}"] for i in range(args.shards)] if arm == "plain_shard_loop"
                     else [base + ["--ray", "--shards", str(args.shards), "--cpus-per-shard", str(threads)]])
-            load.append(os.getloadavg()[0])
+            load.append({"arm": arm, "repeat": r, "load_1_5_15": [round(x, 2) for x in os.getloadavg()]})
             times[arm].append(round(timed(cmds), 2))
             results[arm] = rows(out)
             print(arm, r, times[arm][-1], file=sys.stderr)
@@ -86,13 +90,19 @@ def main() -> None:
     report = {
         "what": "generate --ray vs the plain shard loop (N processes at once), whole-command wall seconds",
         "model": args.model, "engine": "transformers", "rows": args.n, "shards": args.shards,
-        "torch_threads_per_shard": threads, "repeats": args.repeats, "wall_s": times,
+        "repeats": args.repeats, "wall_s": times,
+        "threads": {"torch_threads_per_shard": threads, "ray_cpus_per_shard": threads,
+                    "shards_x_threads": args.shards * threads, "cpus": os.cpu_count(),
+                    "env": {k: os.environ.get(k) for k in THREAD_ENV},
+                    "note": "the engine sets torch's threads to cpu_threads in both arms; Ray also sets OMP_NUM_THREADS "
+                            "to a task's num_cpus in its workers where the environment leaves it unset"},
         "best_wall_s": best, "ray_overhead": round(best["ray"] / best["plain_shard_loop"] - 1, 4),
         "same_rows": True, "rows_written": len(results["ray"]),
-        "load_average_before_each_arm": [round(x, 2) for x in load],
+        "load_average_before_each_arm": load,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]},
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: report[k] for k in ("best_wall_s", "ray_overhead")}))
 

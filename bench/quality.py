@@ -86,16 +86,6 @@ def seed_steps(q: Path, seed: int, stages: set[str], engine: str) -> list[tuple[
         steps.append(("relevance", s / "relevance" / "metrics.json",
                       ["sft", "finetune/recipes/sft_esci_relevance_smollm2.yaml", f"model.path={merged}",
                        f"seed={seed}", f"out_dir={s / 'relevance'}"]))
-    if "align" in stages:
-        steps += [
-            ("align_llm", s / "align_llm" / "eval" / "retrieval_metrics.json",
-             ["align", "align/recipes/esci_smollm2.yaml", f"seed={seed}", f"out_dir={s / 'align_llm'}"]),
-            ("align_llm_cpt", s / "align_llm_cpt" / "eval" / "retrieval_metrics.json",
-             ["align", "align/recipes/esci_smollm2.yaml", f"backbone.path={merged}", f"seed={seed}",
-              f"out_dir={s / 'align_llm_cpt'}"]),
-            ("align_minilm", s / "align_minilm" / "eval" / "retrieval_metrics.json",
-             ["align", "align/recipes/esci_minilm.yaml", f"seed={seed}", f"out_dir={s / 'align_minilm'}"]),
-        ]
     return [(f"seed{seed}/{name}", done, *commands) for name, done, *commands in steps]
 
 
@@ -106,10 +96,18 @@ def tag_commands(model: Path | str, out: Path, engine: str) -> list[list[str]]:
             ["eval", "tags", "--pred", str(out), "--out", str(out / "tag_eval.json")]]
 
 
-def shared_steps(q: Path, stages: set[str], engine: str) -> list[tuple[str, Path, list]]:
+def shared_steps(q: Path, stages: set[str], engine: str, seeds: list[int]) -> list[tuple[str, Path, list]]:
     """Steps without a seed: the zero-shot tagger (greedy), KAR knowledge by Qwen2.5-0.5B, the CTR runs (which
     train each seed themselves)."""
     steps = []
+    if "align" in stages:
+        # the embedder rows are bench/align_pseudo.py's (one place for them): 3 seeds of MiniLM and SmolLM2 aligned on
+        # the real pairs, SmolLM2 from each seed's CPT'd model too; its JSON is what align_table reads
+        steps.append(("align", q / "align" / "align_pseudo.json",
+                      [sys.executable, str(ROOT / "bench" / "align_pseudo.py"), "--runs", str(q / "align"),
+                       "--out", str(q / "align" / "align_pseudo.json"), "--variants", "minilm_real", "smollm2_real",
+                       "smollm2_cpt_real", "--cpt-model", str(q / "seed{seed}" / "cpt_merged" / "merged"),
+                       "--seeds", *map(str, seeds)]))
     if "tags" in stages:
         steps.append(("tags_zeroshot", q / "tags_zeroshot" / "tag_eval.json",
                       *tag_commands("smollm2", q / "tags_zeroshot", engine)))
@@ -167,9 +165,10 @@ def run_steps(steps, q: Path) -> None:
         t0 = time.perf_counter()
         with log.open("w") as out:
             for cmd in commands:
-                out.write("$ recforge " + " ".join(cmd) + "\n")
+                full = cmd if cmd[0] == sys.executable else [*RF, *cmd]  # a bench script, or a recforge verb
+                out.write("$ " + " ".join(full) + "\n")
                 out.flush()
-                if subprocess.call([*RF, *cmd], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT) != 0:
+                if subprocess.call(full, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT) != 0:
                     raise SystemExit(f"quality step {name} failed: see {log}")
         timings[name] = {"seconds": round(time.perf_counter() - t0, 1), "load_average_1min": os.getloadavg()[0],
                          "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -257,20 +256,22 @@ def relevance_table(q: Path, seeds: list[int]) -> dict:
             "n_eval": base.get("n_eval"), "goals": {"macro_f1_ge_0.35": None if not f1 else statistics.fmean(f1) >= 0.35}}
 
 
-def align_table(q: Path, seeds: list[int]) -> dict:
-    def ndcg(run: str, which: str) -> list[float]:
-        return per_seed(q, seeds, f"{run}/eval/retrieval_metrics.json", lambda m: m["results"][which]["ndcg@10"])
+ALIGN_ROWS = (("smollm2_untuned", "SmolLM2 base, untuned (layer-8 mean)"), ("smollm2_real", "SmolLM2 aligned"),
+              ("smollm2_cpt_untuned", "SmolLM2 CPT'd, untuned"), ("smollm2_cpt_real", "SmolLM2 CPT'd then aligned"),
+              ("minilm_untuned", "MiniLM untuned"), ("minilm_real", "MiniLM aligned"))
 
-    table = {"smollm2_base": stats(ndcg("align_llm", "base")), "smollm2_aligned": stats(ndcg("align_llm", "tuned")),
-             "smollm2_cpt": stats(ndcg("align_llm_cpt", "base")),
-             "smollm2_cpt_aligned": stats(ndcg("align_llm_cpt", "tuned")),
-             "minilm_untuned": stats(ndcg("align_minilm", "base")), "minilm_aligned": stats(ndcg("align_minilm", "tuned"))}
+
+def align_table(pseudo_json: Path) -> dict:
+    """The embedder rows of a finished bench/align_pseudo.py run (its 3-seed table), with the quality goals."""
+    report = load(pseudo_json)
+    if report is None:
+        return {"status": "not run"}
+    table = {key: report["table"].get(key, {}).get("ndcg@10") for key, _ in ALIGN_ROWS}
     mean = {k: (v or {}).get("mean") for k, v in table.items()}
-    known = all(mean[k] is not None for k in ("smollm2_aligned", "minilm_untuned", "smollm2_cpt_aligned"))
-    table["goals"] = {
-        "aligned_smollm2_ge_untuned_minilm": None if not known else mean["smollm2_aligned"] >= mean["minilm_untuned"],
-        "cpt_aligned_ge_base_aligned": None if not known else mean["smollm2_cpt_aligned"] >= mean["smollm2_aligned"]}
-    return table
+    known = all(mean[k] is not None for k in ("smollm2_real", "minilm_untuned", "smollm2_cpt_real"))
+    return {**table, "source": str(pseudo_json.relative_to(ROOT)) if pseudo_json.is_relative_to(ROOT) else str(pseudo_json),
+            "goals": {"aligned_smollm2_ge_untuned_minilm": None if not known else mean["smollm2_real"] >= mean["minilm_untuned"],
+                      "cpt_aligned_ge_base_aligned": None if not known else mean["smollm2_cpt_real"] >= mean["smollm2_real"]}}
 
 
 def ctr_table(q: Path) -> dict:
@@ -345,13 +346,14 @@ def markdown(report: dict) -> str:
               f"| always `{major.get('label')}` (the majority grade) | {major.get('macro_f1', 0):.4f} | {major.get('accuracy', 0):.4f} |",
               "", f"Goal macro-F1 ≥ 0.35: {goal(r['goals']['macro_f1_ge_0.35'])} ({r['n_eval']} held-out examples).", ""]
     a = report["align"]
-    lines += ["## Align: ESCI NDCG@10 on held-out queries", "", "| model | NDCG@10 |", "|---|---|"]
-    for key, label in (("smollm2_base", "SmolLM2 base, untuned (last token)"), ("smollm2_aligned", "SmolLM2 aligned"),
-                       ("smollm2_cpt", "SmolLM2 CPT'd, untuned"), ("smollm2_cpt_aligned", "SmolLM2 CPT'd then aligned"),
-                       ("minilm_untuned", "MiniLM untuned"), ("minilm_aligned", "MiniLM aligned")):
-        lines.append(f"| {label} | {fmt(a[key])} |")
-    lines += ["", f"Goals: aligned SmolLM2 ≥ untuned MiniLM: {goal(a['goals']['aligned_smollm2_ge_untuned_minilm'])}; "
-              f"CPT'd-then-aligned ≥ base-aligned: {goal(a['goals']['cpt_aligned_ge_base_aligned'])}.", ""]
+    lines += ["## Align: ESCI NDCG@10 on held-out queries", ""]
+    if "status" in a:
+        lines += [f"- {a['status']}", ""]
+    else:
+        lines += [f"From `{a['source']}` (bench/align_pseudo.py).", "", "| model | NDCG@10 |", "|---|---|"]
+        lines += [f"| {label} | {fmt(a[key])} |" for key, label in ALIGN_ROWS]
+        lines += ["", f"Goals: aligned SmolLM2 ≥ untuned MiniLM: {goal(a['goals']['aligned_smollm2_ge_untuned_minilm'])}; "
+                  f"CPT'd-then-aligned ≥ base-aligned: {goal(a['goals']['cpt_aligned_ge_base_aligned'])}.", ""]
     lines += ["## CTR verdict: DIN test AUC, Δ vs the tuned IDs-only DIN [95 % paired bootstrap over test users]", "",
               "LLM inputs by the qwen2.5-0.5b alias, Qwen2.5-Coder-0.5B-Instruct (KAR knowledge, a greedy audience-reception judgement) and the aligned "
               "SmolLM2 embedder; ✔: the interval excludes 0. Full tables: `recforge train-ctr`'s verdict.md.", ""]
@@ -375,7 +377,7 @@ def build_report(q: Path, seeds: list[int], engine: str) -> dict:
               "cpus": os.cpu_count(), "torch_threads": _torch_threads(),
               "run_seconds": sum(t["seconds"] for t in timings.values()), "steps": timings,
               "cpt": cpt_table(q, seeds), "tags": tags_table(q, seeds), "relevance": relevance_table(q, seeds),
-              "align": align_table(q, seeds), "ctr": ctr_table(q)}
+              "align": align_table(q / "align" / "align_pseudo.json"), "ctr": ctr_table(q)}
 
 
 def _torch_threads() -> int:
@@ -391,15 +393,24 @@ def main() -> int:
     ap.add_argument("--runs", default="runs/quality", help="where every step writes (resumable)")
     ap.add_argument("--out", default="bench/results/quality")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--update-align-from", metavar="JSON",
+                    help="only replace the align rows of the written table with a finished bench/align_pseudo.py JSON "
+                         "(the same recipes and seeds; its path is recorded) and re-render it")
     args = ap.parse_args()
+    out = ROOT / args.out
+    if args.update_align_from:
+        report = load(out.with_suffix(".json"))
+        report["align"] = align_table((ROOT / args.update_align_from).resolve())
+        atomic_write_json(out.with_suffix(".json"), report)
+        atomic_write_text(out.with_suffix(".md"), markdown(report))
+        return 0
     q = (ROOT / args.runs).resolve()
     engine = engine_kind()
     if not args.report_only:
         stages = set(args.stages)
         steps = [step for seed in args.seeds for step in seed_steps(q, seed, stages, engine)]
-        run_steps(steps + shared_steps(q, stages, engine), q)
+        run_steps(steps + shared_steps(q, stages, engine, args.seeds), q)
     report = build_report(q, args.seeds, engine)
-    out = ROOT / args.out
     # MovieLens-100K's CTR rows stay under runs/ (never committed); the committed table holds the rest
     movielens = report["ctr"].pop("movielens", None)
     if movielens is not None:

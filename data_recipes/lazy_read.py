@@ -6,7 +6,7 @@ log this module scans the file with Polars (`scan_parquet`, streaming engine) an
 rows whose values are plainly valid - ids that are integers or strings with a printable ASCII first and last
 character (nothing `str.strip()` would change), finite numbers, text events - which is every row of a clean log.
 Any other row (an empty or padded id, a NaN timestamp, both ids missing, ...) goes through the row rules
-(`_convert`, the core reader's `convert` for interactions) with its rejects quarantined exactly as the core
+(`recforge.readers.interaction_row`, the core reader's own) with its rejects quarantined exactly as the core
 reader does, in line order, and the good ones are merged back in line order. The result - frame, rejects file
 and counts - is the core reader's (tests/test_data_lazy_read.py compares them on a log of every kind of bad row).
 
@@ -16,7 +16,7 @@ string / integer / float (text timestamps, binary ids, ...), an unknown field, o
 row (so that "no usable rows" and its first bad line come from the core reader).
 
 What the core reader could take from this: the same column-wise fast path inside `read_interactions` for Parquet
-(and, with `scan_csv`'s own parsing rules checked against `_iter_delimited`'s, for CSV), keeping the row path
+(and, with `scan_csv`'s own parsing rules checked against `recforge.file_rows`', for CSV), keeping the row path
 for the rows the column checks do not clear; then this module would be a name for it.
 """
 
@@ -27,6 +27,9 @@ from pathlib import Path
 import polars as pl
 
 from recforge import readers as R
+from recforge.file_rows import RawRow, detect_format, raw_text, unreadable, unreadable_errors
+from recforge.io import resolve_path
+from recforge.rejects import Skip
 
 ID_FIELDS = ("user_id", "item_id", "query_id")
 NUMBER_FIELDS = ("timestamp", "label", "weight")
@@ -57,12 +60,12 @@ def _first_last_printable(col: pl.Expr) -> pl.Expr:
 
 
 def _read_parquet(src: R.SourceConfig, rejects: R.RejectLog, name: str) -> pl.DataFrame | None:
-    path = R.resolve_path(src.path)
+    path = resolve_path(src.path)
     mapping = _mapping(src)
     if mapping is None or not path.is_file():
         return None
     try:
-        if R.detect_format(path, src.format) != "parquet":
+        if detect_format(path, src.format) != "parquet":
             return None
         schema = pl.scan_parquet(path).collect_schema()
     except Exception:  # noqa: BLE001 - unreadable, or no format: the core reader names the problem its way
@@ -154,36 +157,12 @@ def _row_rules(src: R.SourceConfig, mapping: dict[str, str], path: Path, lines: 
                 rows = batch.take(pa.array([n - offset - 1 for n in picked])).to_pylist()
                 for n, row in zip(picked, rows):
                     try:
-                        out.append(_convert(src, mapping, row, n))
-                    except R._Skip as skip:
-                        rejects.reject(path, n, skip.reason, skip.detail, R._raw_text(R._RawRow(n, row, "")), name)
+                        out.append(R.interaction_row(src, mapping, row, n))
+                    except Skip as skip:
+                        rejects.reject(path, n, skip.reason, skip.detail, raw_text(RawRow(n, row, "")), name)
             offset = end
             if line is None:
                 break
-    except R._unreadable_errors() as err:
-        raise R._unreadable(path, "parquet", err) from None
+    except unreadable_errors() as err:
+        raise unreadable(path, "parquet", err) from None
     return out
-
-
-def _convert(src: R.SourceConfig, mapping: dict[str, str], values: dict, line: int) -> tuple:
-    """One row by the core reader's rules for interactions (`read_interactions.convert`, kept in step with it)."""
-    user = R.coerce_id(values.get(mapping["user_id"]), mapping["user_id"])
-    item = query = None
-    if "item_id" in mapping and values.get(mapping["item_id"]) is not None:
-        item = R.coerce_id(values.get(mapping["item_id"]), mapping["item_id"])
-    if "query_id" in mapping and values.get(mapping["query_id"]) is not None:
-        query = R.coerce_id(values.get(mapping["query_id"]), mapping["query_id"])
-    if item is None and query is None:
-        wanted = " or ".join(mapping[k] for k in ("item_id", "query_id") if k in mapping)
-        raise R._Skip("missing_id", f"{wanted} is absent or empty")
-    event = values.get(mapping["event"]) if "event" in mapping else src.event
-    if event is not None and not isinstance(event, str):
-        raise R._Skip("wrong_type", f"{mapping.get('event')} must be a string")
-    return (
-        user, item, query, event or src.event,
-        R.coerce_timestamp(values.get(mapping["timestamp"]), mapping["timestamp"]) if "timestamp" in mapping else None,
-        R.coerce_number(values.get(mapping["label"]), mapping["label"]) if "label" in mapping else None,
-        R.coerce_number(values.get(mapping["weight"]), mapping["weight"]) if "weight" in mapping else None,
-        line,
-    )
-

@@ -78,10 +78,19 @@ def row_split(row: dict, path: str, f) -> str:
 
 
 def weighted_rows(rows: list[dict], weight: float, rng: random.Random) -> list[dict]:
-    """`weight` x the rows: whole repeats for the integer part, a random sample for the fraction."""
-    whole = int(weight)
-    out = rows * whole
-    extra = round((weight - whole) * len(rows))
-    if extra:
-        out += rng.sample(rows, extra)
-    return out
+    """`weight` x the rows (2.0: twice as many rows as the file holds, 0.3: a random 30%), picked by the project's
+    one mixing rule (`recforge.mixing`, which `recforge data`'s mix uses too): `rows_for_weight` rows, `take`n
+    with a seed drawn from `rng` - each row at most once up to the file's rows; beyond, every row as many whole
+    times as the weight says plus a sample for the fraction.
+
+    In passes over the file: first every row taken, in file order, then every row taken twice, and so on (weight
+    1.0 is the file itself, in order)."""
+    import polars as pl
+
+    from recforge.mixing import rows_for_weight, take
+
+    if not rows:
+        return []
+    taken = take(len(rows), rows_for_weight(len(rows), weight), rng.getrandbits(32)).to_frame()
+    taken = taken.with_columns(pl.int_range(pl.len()).over("_pos").alias("_pass")).sort(["_pass", "_pos"])
+    return [rows[i] for i in taken["_pos"].to_list()]

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from recforge.io import atomic_write_json, write_parquet_atomic
 from recforge.manifest import RunRecorder
-from recforge.readers import FileKey, RejectLog, SourceConfig, read_esci, read_items
+from recforge.esci import read_esci
+from recforge.readers import FileKey, RejectLog, SourceConfig, read_items
 from recforge.runstate import output_lock
 from recforge.splits import split_of
 

@@ -28,8 +28,10 @@ from recforge.distributed import from_main
 from recforge.io import atomic_write_json, resolve_path
 from recforge.manifest import RunRecorder
 from recforge.runstate import output_lock, require_complete
-from recforge.readers import (FileKey, RejectLog, SourceConfig, as_text, read_esci, read_features_table, read_items,
-                              read_records)
+from recforge.coerce import as_text
+from recforge.esci import read_esci
+from recforge.features_table import read_features_table
+from recforge.readers import FileKey, RejectLog, SourceConfig, read_items, read_records
 from recforge.splits import describe, entity_key, entity_leakage, is_eval
 
 from .sft_config import SFTConfig

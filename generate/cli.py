@@ -22,7 +22,7 @@ def _generate(args: argparse.Namespace) -> int:
     p = manifest["progress"]
     out = {o["name"]: o["rows"] for o in manifest["outputs"]}
     print(
-        f"generate {manifest['fingerprint']['task']}: {out['generations']} rows, {out['failed']} failed "
+        f"generate {manifest['fingerprint']['settings']['task']}: {out['generations']} rows, {out['failed']} failed "
         f"(of {manifest['input_rows']} inputs) -> {manifest['outputs'][0]['path']}\n"
         f"model: {manifest['model_used']['name_or_path']}"
         + (f" + adapter {manifest['model_used']['adapter']}" if manifest["model_used"]["adapter"] else "")
@@ -149,7 +149,7 @@ def _eval_tags(args: argparse.Namespace) -> int:
             if m.get("split_rule"):  # held-out books by the run's own rule (its recipe's `split:` section)
                 rule = SplitRule(**{k: m["split_rule"][k] for k in ("salt", "eval_percent") if k in m["split_rule"]})
     else:
-        from recforge.readers import read_features_table
+        from recforge.features_table import read_features_table
         from recforge.runstate import require_complete
 
         if not src.is_file():

@@ -38,7 +38,7 @@ def run_generate_on_ray(cfg: GenerateConfig, shards: int, address: str | None = 
     """Run every shard on Ray and record the job; returns the job's manifest (see the module doc)."""
     from recforge.generate.runner import GenerationRun
     from recforge.manifest import RunRecorder
-    from recforge.ray_executor import init_ray, run_shards
+    from recforge.ray_executor import init_ray, run_shards, shard_records, stopped_reason
     from recforge.runstate import output_lock
 
     if shards < 1:
@@ -60,17 +60,15 @@ def run_generate_on_ray(cfg: GenerateConfig, shards: int, address: str | None = 
             progress_files=[out / s.folder / "progress.json" for s in specs], progress_out=out / "progress.json",
             show_progress=progress)
         results = [o.result or {} for o in outcomes]
-        failed_shards = [o for o in outcomes if o.problem]
+        stopped = stopped_reason(outcomes)
         recorder.add_output("generations", out, rows=sum(r.get("rows") or 0 for r in results), shards=shards)
         recorder.extra.update({
             "executor": {"kind": "ray", "address": address, "cpus_per_shard": cpus_per_shard,
                          "gpus_per_shard": gpus_per_shard, "max_retries": max_retries},
-            "shards": [{"shard": o.shard, "attempts": o.attempts, "problem": o.problem, "earlier_problems": o.history[:-1]
-                        if o.problem else o.history, **{k: v for k, v in (o.result or {}).items() if k != "progress"}}
-                       for o in outcomes],
+            "shards": shard_records(outcomes, skip=("progress",)),
             "input_rows": sum(r.get("input_rows") or 0 for r in results),
-            "complete": not failed_shards and all(r.get("complete") for r in results),
-            "stopped": "; ".join(f"shard {o.shard} failed after {o.attempts} attempt(s): {o.problem}" for o in failed_shards) or None,
+            "complete": stopped is None and all(r.get("complete") for r in results),
+            "stopped": stopped,
         })
         return recorder.finish()
 

@@ -40,7 +40,7 @@ class ShardOutcome:
 
 
 def add_ray_args(parser, what: str, shards_default: int | None, gpus_default: str) -> None:
-    """The `--ray` flags every mass job (generate, embed) takes, in one group."""
+    """The `--ray` flags every mass job (generate, embed, data) takes, in one group."""
     ray = parser.add_argument_group("Ray executor (pip install 'recforge[ray]')")
     ray.add_argument("--ray", action="store_true", help=f"{what} as --shards N Ray tasks, retried, one progress bar")
     ray.add_argument("--shards", type=int, default=shards_default, help="with --ray: number of shards (default 2)")
@@ -84,6 +84,16 @@ def summed_progress(progress_files: list[Path], started: float) -> dict[str, Any
     return {**total, "elapsed_s": round(elapsed, 3), "rows_per_s": round(rows / elapsed, 3),
             "tokens_per_s": round(total["completion_tokens"] / elapsed, 1),
             "eta_s": max(etas) if etas else None}  # shards run in parallel: the job ends with its slowest shard
+
+
+def write_shard_progress(path: Path, rows_done: int, chunks_done: int, chunks: int, rows_failed: int = 0,
+                         completion_tokens: int = 0, eta_s: float | None = None) -> None:
+    """A shard's progress file, in the fields `summed_progress` sums (for a job whose shards keep no figures
+    of their own; written atomically, so the driver never reads a torn one)."""
+    from recforge.io import atomic_write_json
+
+    atomic_write_json(path, {"rows_done": rows_done, "rows_failed": rows_failed, "completion_tokens": completion_tokens,
+                             "chunks_done": chunks_done, "chunks": chunks, "eta_s": eta_s})
 
 
 def run_shards(task: Callable[..., dict[str, Any]], shards: list[str], args: tuple, *, num_cpus: float = 1,
@@ -139,6 +149,19 @@ def run_shards(task: Callable[..., dict[str, Any]], shards: list[str], args: tup
     if bar is not None:
         bar.close()
     return [outcomes[s] for s in shards]
+
+
+def shard_records(outcomes: list[ShardOutcome], skip: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """The manifest's `shards` entries: each shard's attempts, last problem, earlier problems and result."""
+    return [{"shard": o.shard, "attempts": o.attempts, "problem": o.problem,
+             "earlier_problems": o.history[:-1] if o.problem else o.history,
+             **{k: v for k, v in (o.result or {}).items() if k not in skip}} for o in outcomes]
+
+
+def stopped_reason(outcomes: list[ShardOutcome]) -> str | None:
+    """One line naming every shard that kept failing (what the job prints with exit 1), or None."""
+    return "; ".join(f"shard {o.shard} failed after {o.attempts} attempt(s): {o.problem}"
+                     for o in outcomes if o.problem) or None
 
 
 def one_line(err: BaseException) -> str:

@@ -1,6 +1,6 @@
-"""What a run folder says about itself: who writes it now, whether it finished, what input it read.
+"""What a run folder says about itself: who writes it now, and whether it finished.
 
-Three contracts every command that writes an output folder keeps (data, cpt, sft, publish, generate,
+Two contracts every command that writes an output folder keeps (data, cpt, sft, publish, generate,
 generate-export, embed, align, eval *):
 
 - **One writer.** `output_lock(out_dir, command)` takes an exclusive `flock` on `out_dir/.recforge.lock`
@@ -13,10 +13,9 @@ generate-export, embed, align, eval *):
   it finds the producing run's manifest (the path itself, or a folder above it) and refuses a run that is
   still running, was killed, or says `"complete": false`, with one line naming it. `allow_partial=True`
   (the commands' `--allow-partial`) reads it anyway and returns a note the consumer records.
-- **A resume reads the same input.** `input_digests(paths)` is the content sha256 of each input file
-  (the project's one file digest, `recforge.fingerprint.file_sha256`, cached by path, mtime and size);
-  resume checks compare it with the one recorded when the run started, and `changed_inputs` names the file
-  that differs.
+
+A third, for the jobs that resume part by part (generate, embed): a resume reads the same input, model and
+settings as the run that started the folder (`recforge.run_contract`).
 """
 
 from __future__ import annotations
@@ -156,15 +155,3 @@ def require_complete(path: str | os.PathLike, what: str, allow_partial: bool = F
         raise RecforgeError(f"{text}; rerun it to completion, or pass --allow-partial to read it as it is")
     print(f"recforge: warning: {text}; read anyway (--allow-partial)", file=sys.stderr)
     return text
-
-
-def input_digests(paths: dict[str, str | os.PathLike]) -> dict[str, str | None]:
-    """{name: content sha256} of each input file (None for a folder or a missing path)."""
-    from recforge.fingerprint import files_sha256
-
-    return files_sha256(paths)
-
-
-def changed_inputs(recorded: dict[str, str | None], current: dict[str, str | None]) -> list[str]:
-    """Names of the inputs whose content differs from what a run recorded when it started."""
-    return sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))

@@ -188,9 +188,9 @@ def test_retrained_model_in_the_same_folder_is_refused(tmp_path, minilm_dir):
     cfg = EmbedConfig(model=str(model), out_dir=str(tmp_path / "out"), faiss_index=False, catalogue=CatalogueSource(path=str(cat)))
     run_embed(cfg)
     plan = json.loads((tmp_path / "out" / "plan.json").read_text())
-    assert len(plan["model_digest"]) == 64
+    assert plan["job"] == "embed" and len(plan["model"]["digest"]) == 64
     retrain_in_place(model / "model.safetensors")
-    with pytest.raises(RecforgeError, match=r"different plan \(model_digest\)"):
+    with pytest.raises(RecforgeError, match=r"different plan \(model.digest\)"):
         run_embed(cfg)
 
 

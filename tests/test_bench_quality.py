@@ -57,3 +57,20 @@ def test_ctr_rows_come_from_the_verdict_and_mark_only_intervals_that_exclude_zer
     assert not quality._delta_cell(cells["item_text"]["new"]).endswith("✔")  # [-0.003, +0.007] includes 0
     assert quality._delta_cell(cells["item_knowledge"]["warm"]).endswith("✔")  # below 0, also excludes it
     assert quality._delta_cell(cells["ids_only"]["warm"]) == "—"  # the baseline itself
+
+
+def test_align_rows_come_from_the_align_pseudo_table_and_goals_use_its_means(tmp_path):
+    def cell(mean):
+        return {"ndcg@10": {"mean": mean, "sd": 0.01, "n": 3}}
+    table = {"smollm2_untuned": cell(0.25), "smollm2_real": cell(0.40), "smollm2_cpt_untuned": cell(0.30),
+             "smollm2_cpt_real": cell(0.38), "minilm_untuned": cell(0.60), "minilm_real": cell(0.64)}
+    write(tmp_path / "align_pseudo.json", {"table": table})
+    rows = quality.align_table(tmp_path / "align_pseudo.json")
+    assert rows["smollm2_real"]["mean"] == 0.40 and rows["minilm_untuned"]["mean"] == 0.60
+    assert rows["goals"] == {"aligned_smollm2_ge_untuned_minilm": False, "cpt_aligned_ge_base_aligned": False}
+    assert quality.align_table(tmp_path / "missing.json") == {"status": "not run"}
+    assert "| SmolLM2 CPT'd then aligned | 0.3800" in quality.markdown(
+        {"seeds": [0], "engine": "x", "run_seconds": 0, "cpt": {}, "relevance": {"macro_f1": None, "accuracy": None,
+         "majority_baseline": {}, "n_eval": 0, "goals": {"macro_f1_ge_0.35": None}},
+         "tags": {"sft_p@5": None, "sft_r@5": None, "zero_shot_p@5": None, "popular_baseline_p@5": None, "books": 0,
+                  "goals": {"p@5_ge_0.61": None}}, "align": rows, "ctr": {}})

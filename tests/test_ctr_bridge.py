@@ -139,6 +139,63 @@ def test_id_coverage_is_counted_not_a_crash(tmp_path):
                                       "missing_examples": ["zz"], "unused": 1}
 
 
+def test_a_text_vector_cache_is_reused_only_for_the_same_model_and_texts(tmp_path, monkeypatch):
+    """`cached_text_vectors` (BAHE's and LARR's cache) checks its recorded `recforge.run_contract` contract: the same
+    model (by content, wherever its folder is) and settings reuse every vector; an edited text is encoded, never
+    answered with the old text's vector; a retrained model or another setting is refused, naming what differs."""
+    import json
+    import shutil
+
+    from recforge import run_contract
+    from recforge.align.ctr.features import cached_text_vectors, text_key
+
+    monkeypatch.setenv("RECFORGE_CACHE", str(tmp_path / "digests"))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights one")
+    (model / "config.json").write_text("{}")
+    calls: list[list[str]] = []
+
+    def encode(texts):
+        calls.append(list(texts))
+        return np.asarray([[len(t), sum(map(ord, t)) % 97, 1.0] for t in texts], np.float32)
+
+    def cache(texts, model_dir=model, pooling="mean"):
+        index, vectors, info = cached_text_vectors(tmp_path / "cache", name="scene", entity="scene_text", texts=texts,
+                                                   contract={"pooling": pooling}, model=str(model_dir), dimension=3,
+                                                   encode=encode, config_key="model.larr.cache_dir")
+        return {t: vectors[index[text_key(t)]].tolist() for t in texts}, info
+
+    first, info = cache(["Dune", "Emma"])
+    assert info["encoded"] == 2 and calls == [["Dune", "Emma"]]
+    recorded = json.loads((tmp_path / "cache" / "contract.json").read_text())
+    assert recorded["run_contract"]["job"] == "scene" and recorded["run_contract"]["inputs"] == {}
+    assert recorded["run_contract"]["model"] == {"digest": run_contract.model_digest(model)}
+    assert recorded["dimension"] == 3 and recorded["normalized"] is False and recorded["pooling"] == "mean"
+
+    copied = tmp_path / "copied"
+    shutil.copytree(model, copied)
+    again, info = cache(["Dune", "Emma"], model_dir=copied)  # the same bytes elsewhere: reused
+    assert info["encoded"] == 0 and again == first and len(calls) == 1
+
+    edited, info = cache(["Dune", "Emma!"])  # an edited text: encoded, not the old text's vector
+    assert info["encoded"] == 1 and calls[-1] == ["Emma!"] and edited["Emma!"] == encode(["Emma!"])[0].tolist()
+
+    (copied / "model.safetensors").write_bytes(b"weights two")  # retrained, same size
+    with pytest.raises(FeatureContractError, match=r"model.larr.cache_dir: .*model.digest '[0-9a-f]{64}' != expected"):
+        cache(["Dune"], model_dir=copied)
+    with pytest.raises(FeatureContractError, match=r"model.larr.cache_dir: .*pooling 'mean' != expected 'last'"):
+        cache(["Dune"], pooling="last")
+
+    # a cache written before contract.json recorded its run contract: checked from its flat fields
+    legacy = json.loads((tmp_path / "cache" / "contract.json").read_text())
+    del legacy["run_contract"]
+    (tmp_path / "cache" / "contract.json").write_text(json.dumps(legacy))
+    assert cache(["Dune"])[1]["encoded"] == 0
+    with pytest.raises(FeatureContractError, match="model.digest"):
+        cache(["Dune"], model_dir=copied)
+
+
 def test_eval_ctr_end_to_end_on_a_slice_of_the_shipped_ratings(tmp_path, repo_root):
     """Recipe -> feature tables with contracts -> variants -> report files, on the first 6k goodbooks events."""
     import gzip

@@ -143,7 +143,7 @@ def _synthetic(n_items=30, seed=0):
 
 def test_every_variant_gets_the_same_tuning_budget():
     from recforge.align.ctr.config import CTRRecipe
-    from recforge.align.ctr.run import train_variants
+    from recforge.align.ctr.variants import train_variants
     from recforge.align.ctr.train import DenseInput
 
     data, vec = _synthetic()
@@ -265,7 +265,7 @@ def test_kar_guard_is_one_setting_shared_with_generate():
     from recforge.align.ctr.config import GuardConfig
     from recforge.align.ctr.data import apply_leakage_guard
     from recforge.config import RecforgeError
-    from recforge.generate.runner import kar_prefix_length as generate_prefix
+    from recforge.generate.inputs import kar_prefix_length as generate_prefix
     from recforge.splits import KAR_MAX_PROMPT_ITEMS, kar_prefix_length
 
     assert GuardConfig().max_prompt_items == KAR_MAX_PROMPT_ITEMS

@@ -9,7 +9,18 @@ import polars as pl
 import pytest
 
 from recforge.config import RecforgeError
-from recforge.data_recipes import builders as B
+from recforge.data_recipes.catalogue_corpora import build_reading, replay_corpus
+from recforge.data_recipes.corpus_frames import corpus_from_rows
+from recforge.data_recipes.in_context import build_in_context
+from recforge.data_recipes.input_frames import judgments_frame
+from recforge.data_recipes.mix import mix_corpora
+from recforge.data_recipes.pair_builders import (
+    build_item_item_pairs,
+    build_query_item_pairs,
+    build_tag_pairs,
+    build_user_item_pairs,
+    co_engagement_scores,
+)
 from recforge.data_recipes.recipe_config import (
     InContextCorpus,
     ItemItemPairs,
@@ -110,7 +121,7 @@ def test_field_dropout_is_seeded_and_keeps_protected_fields():
 # ---------------------------------------------------------------- in-context: co-click grouping and packing
 
 
-JUDGED = B.judgments_frame([
+JUDGED = judgments_frame([
     Judgment("q1", "A", 3), Judgment("q1", "B", 2), Judgment("q1", "C", 0),
     Judgment("q2", "B", 3), Judgment("q2", "D", 3), Judgment("q3", "E", 2),
 ])
@@ -119,7 +130,7 @@ QUERIES = pl.DataFrame({"id": ["q1", "q2", "q3"], "text": ["Query: one", "Query:
 
 def test_in_context_groups_items_sharing_a_positive_query_and_queries_sharing_an_item():
     cfg = InContextCorpus(relations=["items_by_query", "queries_by_item"], max_tokens=100, min_grade=2)
-    built = B.build_in_context(cfg, NO_EVAL, TokenCounter(), texts(list("ABCDE")), QUERIES, JUDGED)
+    built = build_in_context(cfg, NO_EVAL, TokenCounter(), texts(list("ABCDE")), QUERIES, JUDGED)
     rows = {(json.loads(m)["relation"], json.loads(m)["group"]): ids
             for m, ids in zip(built.frame["meta"], built.frame["doc_ids"].to_list())}
     # q1: A (grade 3) before B (grade 2); C is not positive; q2: B and D tie on grade -> id order;
@@ -138,18 +149,18 @@ def test_in_context_groups_items_sharing_a_positive_query_and_queries_sharing_an
 def test_in_context_co_click_from_search_logs_ranks_by_clicks():
     log = events([("u1", "A", "q1", 1), ("u2", "B", "q1", 2), ("u3", "B", "q1", 3), ("u4", "C", "q2", 4)])
     cfg = InContextCorpus(relations=["items_by_query"], max_tokens=100)
-    built = B.build_in_context(cfg, NO_EVAL, TokenCounter(), texts(list("ABC")), None, None, log)
+    built = build_in_context(cfg, NO_EVAL, TokenCounter(), texts(list("ABC")), None, None, log)
     assert built.frame["doc_ids"].to_list() == [["B", "A"]]  # B clicked twice for q1; q2 has one item
 
 
 def test_in_context_packs_a_group_into_rows_under_max_tokens():
     # one query with 5 positive items of 3 tokens each; max 7 tokens -> [2 docs], [2 docs], [1 doc, dropped]
-    judged = B.judgments_frame([Judgment("q", i, 3) for i in "ABCDE"])
+    judged = judgments_frame([Judgment("q", i, 3) for i in "ABCDE"])
     cfg = InContextCorpus(relations=["items_by_query"], max_tokens=7, min_docs=2)
-    built = B.build_in_context(cfg, NO_EVAL, TokenCounter(), texts(list("ABCDE")), None, judged)
+    built = build_in_context(cfg, NO_EVAL, TokenCounter(), texts(list("ABCDE")), None, judged)
     assert built.frame["doc_ids"].to_list() == [["A", "B"], ["C", "D"]]
     assert all(json.loads(m)["n_tokens"] <= 7 for m in built.frame["meta"])
-    one_doc = B.build_in_context(cfg.model_copy(update={"min_docs": 1}), NO_EVAL, TokenCounter(),
+    one_doc = build_in_context(cfg.model_copy(update={"min_docs": 1}), NO_EVAL, TokenCounter(),
                                  texts(list("ABCDE")), None, judged)
     assert one_doc.frame["doc_ids"].to_list() == [["A", "B"], ["C", "D"], ["E"]]
 
@@ -161,9 +172,9 @@ def test_in_context_budget_in_real_tokenizer_tokens(tiny_model_dir):
     counter = TokenCounter(TokenCountConfig(method="tokenizer", tokenizer=str(tiny_model_dir)))
     ids = list("ABCDEFGH")
     docs = pl.DataFrame({"id": ids, "text": [f"Title: a fairly long paperback novel about dragons, volume {i}" for i in ids]})
-    judged = B.judgments_frame([Judgment("q", i, 3) for i in ids])
+    judged = judgments_frame([Judgment("q", i, 3) for i in ids])
     cfg = InContextCorpus(relations=["items_by_query"], max_tokens=40, min_docs=1, separator="\n")
-    built = B.build_in_context(cfg, NO_EVAL, counter, docs, None, judged)
+    built = build_in_context(cfg, NO_EVAL, counter, docs, None, judged)
     rows = built.frame.rows(named=True)
     assert len(rows) > 1 and [d for r in rows for d in r["doc_ids"]] == ids  # split across rows, order kept
     for r in rows:
@@ -177,13 +188,13 @@ def test_in_context_user_sequence_keeps_time_order_and_holds_out_the_last_item()
     log = events([("u1", "C", None, 3), ("u1", "A", None, 1), ("u1", "B", None, 2), ("u1", "D", None, 4),
                   ("u2", "A", None, 1)])
     cfg = InContextCorpus(relations=["user_sequence"], max_tokens=100)
-    built = B.build_in_context(cfg, SplitConfig(holdout_last=1), TokenCounter(), texts(list("ABCD")), None, None, log)
+    built = build_in_context(cfg, SplitConfig(holdout_last=1), TokenCounter(), texts(list("ABCD")), None, None, log)
     frame = built.frame.sort("split", descending=True)
     assert frame.select("split", "doc_ids").rows() == [("train", ["A", "B", "C"]), ("eval", ["A", "B", "C", "D"])]
     leak = built.report["splits"]["user_sequence"]
     assert leak["eval_ids"] == 1 and leak["eval_ids_in_train"] == 0 and leak["ok"]
     # an eval row ends with the held-out item, preceded by as much recent history as fits
-    short = B.build_in_context(cfg.model_copy(update={"max_tokens": 7}), SplitConfig(holdout_last=1), TokenCounter(),
+    short = build_in_context(cfg.model_copy(update={"max_tokens": 7}), SplitConfig(holdout_last=1), TokenCounter(),
                                texts(list("ABCD")), None, None, log)
     assert short.frame.filter(pl.col("split") == "eval")["doc_ids"].to_list() == [["C", "D"]]
     assert short.frame.filter(pl.col("split") == "train")["doc_ids"].to_list() == [["A", "B"]]  # C alone: dropped
@@ -193,14 +204,14 @@ def test_time_split_builds_train_rows_from_earlier_events_only():
     log = events([("u1", "A", "q1", 1), ("u2", "B", "q1", 2), ("u3", "C", "q1", 10), ("u4", "D", "q1", 11),
                   ("u1", "B", None, 3)])
     split = SplitConfig(by="time", time_cutoff=5)
-    built = B.build_in_context(InContextCorpus(relations=["items_by_query"], max_tokens=100), split, TokenCounter(),
+    built = build_in_context(InContextCorpus(relations=["items_by_query"], max_tokens=100), split, TokenCounter(),
                                texts(list("ABCD")), None, None, log)
     assert built.frame.select("split", "doc_ids").sort("split", descending=True).rows() == [
         ("train", ["A", "B"]), ("eval", ["C", "D"])]
     leak = built.report["splits"]["items_by_query"]
     assert leak["method"] == "time (cutoff 5.0)" and leak["eval_ids"] == 2 and leak["ok"]
     # NoteLLM scores under a time split: u1's A, B (t <= 5) pair up in train; C, D (t > 5) are separate users
-    scores, report = B.co_engagement_scores(log, ItemItemPairs(min_score=0.0), split)
+    scores, report = co_engagement_scores(log, ItemItemPairs(min_score=0.0), split)
     assert sorted(scores.select("split", "a", "b").rows()) == [("train", "A", "B"), ("train", "B", "A")]
     assert report["split"]["unit"] == "event (source line)" and report["split"]["ok"]
 
@@ -230,9 +241,9 @@ def test_leakage_check_counts_eval_ids_seen_in_train():
 
 def test_in_context_hash_split_never_puts_an_eval_item_in_a_train_row():
     ids = [f"i{n}" for n in range(60)]
-    judged = B.judgments_frame([Judgment(f"q{n % 6}", i, 3) for n, i in enumerate(ids)])
+    judged = judgments_frame([Judgment(f"q{n % 6}", i, 3) for n, i in enumerate(ids)])
     split = SplitConfig(eval_percent={"item": 30})
-    built = B.build_in_context(InContextCorpus(relations=["items_by_query"], max_tokens=12), split, TokenCounter(),
+    built = build_in_context(InContextCorpus(relations=["items_by_query"], max_tokens=12), split, TokenCounter(),
                                texts(ids), None, judged)
     eval_ids = set(split_frame(ids, "item", split).filter(pl.col("split") == "eval")["id"])
     train_docs = set(built.frame.filter(pl.col("split") == "train")["doc_ids"].explode())
@@ -259,7 +270,7 @@ def test_notellm_co_occurrence_weights_match_hand_computation():
     # u1 clicked A, B, C (3 items -> each pair gets 1/3); u2 clicked A, B (2 items -> 1/2); u2 repeats A.
     log = events([("u1", "A", None, 1), ("u1", "B", None, 2), ("u1", "C", None, 3),
                   ("u2", "A", None, 1), ("u2", "B", None, 2), ("u2", "A", None, 3)])
-    scores, report = B.co_engagement_scores(log, ItemItemPairs(min_score=0.0, max_score=30), NO_EVAL)
+    scores, report = co_engagement_scores(log, ItemItemPairs(min_score=0.0, max_score=30), NO_EVAL)
     got = {(a, b): round(s, 6) for a, b, s in scores.select("a", "b", "score").iter_rows()}
     assert got == {
         ("A", "B"): round(1 / 3 + 1 / 2, 6), ("B", "A"): round(1 / 3 + 1 / 2, 6),
@@ -267,24 +278,24 @@ def test_notellm_co_occurrence_weights_match_hand_computation():
         ("B", "C"): round(1 / 3, 6), ("C", "B"): round(1 / 3, 6),
     }
     # the score range drops A-C and B-C (1/3 < 0.4); top_k=1 keeps each anchor's best neighbour
-    kept, report = B.co_engagement_scores(log, ItemItemPairs(min_score=0.4, max_score=30), NO_EVAL)
+    kept, report = co_engagement_scores(log, ItemItemPairs(min_score=0.4, max_score=30), NO_EVAL)
     assert sorted(kept.select("a", "b").rows()) == [("A", "B"), ("B", "A")]
     assert report["pairs_before_filter"] == 6 and report["pairs_in_score_range"] == 2
-    top1, _ = B.co_engagement_scores(log, ItemItemPairs(min_score=0.0, top_k=1), NO_EVAL)
+    top1, _ = co_engagement_scores(log, ItemItemPairs(min_score=0.0, top_k=1), NO_EVAL)
     assert sorted(top1.select("a", "b").rows()) == [("A", "B"), ("B", "A"), ("C", "A")]  # C: tie A/B -> id order
     # window=1: only neighbours in time order co-occur, so A-C disappears
-    win, _ = B.co_engagement_scores(log, ItemItemPairs(min_score=0.0, window=1), NO_EVAL)
+    win, _ = co_engagement_scores(log, ItemItemPairs(min_score=0.0, window=1), NO_EVAL)
     assert sorted({tuple(sorted(p)) for p in win.select("a", "b").rows()}) == [("A", "B"), ("B", "C")]
     # and a score above max_score is dropped too
-    capped, _ = B.co_engagement_scores(log, ItemItemPairs(min_score=0.0, max_score=0.5), NO_EVAL)
+    capped, _ = co_engagement_scores(log, ItemItemPairs(min_score=0.0, max_score=0.5), NO_EVAL)
     assert ("A", "B") not in set(capped.select("a", "b").rows())
 
 
 def test_item_item_pairs_carry_weights_and_every_kept_positive():
     log = events([("u1", "A", None, 1), ("u1", "B", None, 2), ("u1", "C", None, 3),
                   ("u2", "A", None, 1), ("u2", "B", None, 2)])
-    scores, _ = B.co_engagement_scores(log, ItemItemPairs(min_score=0.0), NO_EVAL)
-    pairs = B.build_item_item_pairs(scores, texts(list("ABC"))).frame
+    scores, _ = co_engagement_scores(log, ItemItemPairs(min_score=0.0), NO_EVAL)
+    pairs = build_item_item_pairs(scores, texts(list("ABC"))).frame
     a_rows = pairs.filter(pl.col("anchor_id") == "A").sort("weight", descending=True)
     assert a_rows["positive_id"].to_list() == ["B", "C"]
     assert a_rows["weight"].round(6).to_list() == [round(5 / 6, 6), round(1 / 3, 6)]
@@ -296,13 +307,13 @@ def test_item_item_pairs_carry_weights_and_every_kept_positive():
 
 
 def test_query_item_pairs_hard_negatives_are_never_positives_or_the_anchor():
-    judged = B.judgments_frame([
+    judged = judgments_frame([
         Judgment("q1", "A", 3), Judgment("q1", "B", 2), Judgment("q1", "C", 0), Judgment("q1", "D", 0),
         Judgment("q1", "q1", 0),  # an item sharing the query's id must not become its negative
         Judgment("q2", "A", 3),   # no judged-irrelevant item -> no negative
     ])
     queries = pl.DataFrame({"id": ["q1", "q2"], "text": ["Query: one", "Query: two"]})
-    built = B.build_query_item_pairs(queries, judged, texts(["A", "B", "C", "D", "q1"]), QueryItemPairs(min_grade=2),
+    built = build_query_item_pairs(queries, judged, texts(["A", "B", "C", "D", "q1"]), QueryItemPairs(min_grade=2),
                                      NO_EVAL, seed=0)
     f = built.frame.sort("pair_id")
     assert f.select("anchor_id", "positive_id").rows() == [("q1", "A"), ("q1", "B"), ("q2", "A")]
@@ -316,7 +327,7 @@ def test_query_item_pairs_hard_negatives_are_never_positives_or_the_anchor():
 def test_user_item_pairs_predict_the_next_item_from_the_history():
     items = [Item(i, {"title": f"Book {i}"}) for i in "ABCD"]
     log = events([("u1", "A", None, 1), ("u1", "B", None, 2), ("u1", "C", None, 3), ("u1", "D", None, 4)])
-    built = B.build_user_item_pairs(log, items, texts(list("ABCD")), UserItemPairs(history_len=2), SplitConfig())
+    built = build_user_item_pairs(log, items, texts(list("ABCD")), UserItemPairs(history_len=2), SplitConfig())
     rows = built.frame.sort("pair_id").select("anchor", "positive_id", "split", "anchor_positive_ids").rows()
     assert rows == [
         ("History: Book A", "B", "train", ["A", "B", "C"]),
@@ -331,7 +342,7 @@ def test_tag_pairs_for_items_and_users():
                          "count": [90.0, 50.0, 40.0, 10.0], "rank": [0, 1, 2, 0]})
     items = [Item(i, {"title": f"Book {i}"}) for i in "AB"]
     log = events([("u1", "A", None, 1), ("u1", "B", None, 2)])
-    built = B.build_tag_pairs(tags, texts(list("AB")), TagPairs(top_k=1, exclude=["to-read"]), NO_EVAL, log, items)
+    built = build_tag_pairs(tags, texts(list("AB")), TagPairs(top_k=1, exclude=["to-read"]), NO_EVAL, log, items)
     f = built.frame
     assert f.filter(pl.col("kind") == "item_tag").select("anchor_id", "positive").sort("anchor_id").rows() == [
         ("A", "fantasy"), ("B", "fantasy")]
@@ -348,7 +359,7 @@ def test_reading_joins_generated_features_and_counts_missing_items():
         "summary": ["A short summary.", "orphan", "a user"], "pseudo_queries": [["q one", "q two"], [], []],
         "knowledge": [None, None, None], "tags": [[], [], []],
     })
-    built = B.build_reading(texts(list("AB")), features, ReadingCorpus(), NO_EVAL)
+    built = build_reading(texts(list("AB")), features, ReadingCorpus(), NO_EVAL)
     row = built.frame.row(0, named=True)
     assert row["documents"] == ["item A w", "Summary: A short summary.", "Searches: q one; q two"]
     assert row["doc_ids"] == ["A", "A#summary", "A#pseudo_queries"]
@@ -356,16 +367,16 @@ def test_reading_joins_generated_features_and_counts_missing_items():
 
 
 def test_mix_follows_weights_is_seeded_and_rejects_unknown_corpora():
-    a = B.corpus_from_rows([dict(row_id=f"a{i}", source="a", documents=["x"], doc_ids=[f"a{i}"], text="x",
+    a = corpus_from_rows([dict(row_id=f"a{i}", source="a", documents=["x"], doc_ids=[f"a{i}"], text="x",
                                  split="train", meta="{}") for i in range(100)])
-    r = B.replay_corpus([Query(f"g{i}", f"general text {i}") for i in range(10)], NO_EVAL)
+    r = replay_corpus([Query(f"g{i}", f"general text {i}") for i in range(10)], NO_EVAL)
     cfg = MixCorpus(enabled=True, weights={"a": 3, "replay": 1}, total_rows=40)
-    one = B.mix_corpora({"a": a, "replay": r}, cfg, seed=5)
+    one = mix_corpora({"a": a, "replay": r}, cfg, seed=5)
     assert one.frame["source"].value_counts().sort("source").rows() == [("a", 30), ("replay", 10)]
     assert one.report["ratios"]["replay"]["actual_fraction"] == 0.25
-    assert one.frame["row_id"].to_list() == B.mix_corpora({"a": a, "replay": r}, cfg, seed=5).frame["row_id"].to_list()
+    assert one.frame["row_id"].to_list() == mix_corpora({"a": a, "replay": r}, cfg, seed=5).frame["row_id"].to_list()
     assert one.frame["source"].to_list() != sorted(one.frame["source"].to_list())  # interleaved, not stacked
-    no_total = B.mix_corpora({"a": a, "replay": r}, cfg.model_copy(update={"total_rows": None}), seed=5)
+    no_total = mix_corpora({"a": a, "replay": r}, cfg.model_copy(update={"total_rows": None}), seed=5)
     assert no_total.frame.height == 40 and not any(v["repeated"] for v in no_total.report["ratios"].values())
     with pytest.raises(RecforgeError, match="mix.weights.nope"):
-        B.mix_corpora({"a": a}, MixCorpus(enabled=True, weights={"nope": 1}), seed=0)
+        mix_corpora({"a": a}, MixCorpus(enabled=True, weights={"nope": 1}), seed=0)

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from recforge.config import RecforgeError
+from recforge.rejects import DataError
 from recforge.data_recipes.readers import (
-    DataError,
     RejectLog,
     SourceConfig,
     read_interactions,

@@ -11,7 +11,8 @@ import polars as pl
 import pytest
 
 from recforge.config import RecforgeError, load_recipe
-from recforge.data_recipes.build import merge_shards, run_data
+from recforge.data_recipes.build import run_data
+from recforge.data_recipes.shard_merge import merge_shards
 from recforge.data_recipes.recipe_config import DataRecipe
 from recforge.shards import ShardSpec
 
@@ -108,7 +109,7 @@ def test_merge_streams_the_shards_never_reading_a_whole_corpus(tmp_path, monkeyp
     reads every column of a shard's corpus at once, and the merged corpora are still the unsharded ones."""
     import pyarrow.parquet as pq
 
-    from recforge.data_recipes import build
+    from recforge.data_recipes import shard_merge
 
     out = tmp_path / "sharded"
     for i in range(2):
@@ -142,7 +143,7 @@ def test_merge_streams_the_shards_never_reading_a_whole_corpus(tmp_path, monkeyp
         m.setattr(pq.ParquetFile, "read", read)
         m.setattr(pq.ParquetFile, "iter_batches", iter_batches)
         merged = merge_shards(recipe(ESCI, out))
-    assert batch_sizes and max(batch_sizes) <= build.MERGE_BATCH_ROWS
+    assert batch_sizes and max(batch_sizes) <= shard_merge.MERGE_BATCH_ROWS
     assert merged["splits"]["leakage_ok"]
     whole, parts = corpus_rows(tmp_path / "whole"), corpus_rows(out)
     assert set(parts) == set(whole)

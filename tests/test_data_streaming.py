@@ -11,13 +11,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from recforge.data_recipes import build, builders as B
+from recforge.data_recipes import mix
+from recforge.data_recipes.corpus_frames import CORPUS_COLUMNS, corpus_from_rows
 from recforge.data_recipes.corpus_io import CorpusWriter
+from recforge.data_recipes.event_logs import hash_chunks
+from recforge.data_recipes.in_context import build_in_context, build_in_context_stream
 from recforge.data_recipes.lazy_read import read_interactions as lazy_read
+from recforge.data_recipes.mix import mix_corpora, write_mix
+from recforge.data_recipes.output_layout import write_corpus
 from recforge.data_recipes.recipe_config import InContextCorpus, MixCorpus
 from recforge.data_recipes.serialize import TokenCounter
 from recforge.data_recipes.splits import SplitConfig
-from recforge.readers import DataError, RejectLog, SourceConfig, read_interactions as core_read
+from recforge.readers import RejectLog, SourceConfig, read_interactions as core_read
+from recforge.rejects import DataError
 from recforge.records import corpus_schema
 
 FIELDS = {"user_id": "user", "item_id": "item", "query_id": "query", "timestamp": "ts", "event": "ev",
@@ -114,15 +120,15 @@ def test_in_context_built_in_parts_and_streamed_equals_the_one_frame_build():
     relations = ["items_by_query", "queries_by_item", "user_sequence"]
     whole_cfg = InContextCorpus(relations=relations, max_tokens=40, max_docs=6, chunk_rows=10**9)
     parts_cfg = whole_cfg.model_copy(update={"chunk_rows": 1000})  # 4800 events: 5 ranges of users
-    whole = B.build_in_context(whole_cfg, split, TokenCounter(), item_texts, query_texts, None, events)
-    parts = B.build_in_context(parts_cfg, split, TokenCounter(), item_texts, query_texts, None, events)
+    whole = build_in_context(whole_cfg, split, TokenCounter(), item_texts, query_texts, None, events)
+    parts = build_in_context(parts_cfg, split, TokenCounter(), item_texts, query_texts, None, events)
     assert whole.frame.height > 500
     assert parts.frame.equals(whole.frame)  # same rows, same order
     for report in (whole.report, parts.report):
         for rep in report["splits"].values():
             rep.pop("leaked_examples")
     assert parts.report == whole.report
-    stream = B.build_in_context_stream(parts_cfg, split, TokenCounter(), item_texts, query_texts, None, events)
+    stream = build_in_context_stream(parts_cfg, split, TokenCounter(), item_texts, query_texts, None, events)
     batches = list(stream.batches)
     assert len(batches) > 5  # the user sequences came a range of users at a time
     streamed = pl.concat(batches)
@@ -131,12 +137,12 @@ def test_in_context_built_in_parts_and_streamed_equals_the_one_frame_build():
 
 
 def test_the_streaming_writer_keeps_the_layout_and_clears_a_killed_runs_temporaries(tmp_path):
-    rows = B.corpus_from_rows([dict(row_id=f"r{i}", source="s", documents=[f"d{i}"], doc_ids=[f"{i}"], text=f"t{i}",
+    rows = corpus_from_rows([dict(row_id=f"r{i}", source="s", documents=[f"d{i}"], doc_ids=[f"{i}"], text=f"t{i}",
                                     split="eval" if i % 4 == 0 else "train", meta="{}") for i in range(53)])
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / ".train-00000.parquet.tmp").write_text("left by a killed run")
     (tmp_path / "c" / "train-00007-of-00009.parquet").write_text("an old shard")
-    writer = CorpusWriter(tmp_path, "c", corpus_schema(), B.CORPUS_COLUMNS, 10, "corpus")
+    writer = CorpusWriter(tmp_path, "c", corpus_schema(), CORPUS_COLUMNS, 10, "corpus")
     for start, size in ((0, 3), (3, 17), (20, 1), (21, 32)):
         writer.write(rows.slice(start, size))
     written = writer.close()
@@ -149,24 +155,24 @@ def test_the_streaming_writer_keeps_the_layout_and_clears_a_killed_runs_temporar
         back = pl.read_parquet([tmp_path / f for f in written["files"][name]])
         assert back.equals(rows.filter(pl.col("split") == name))
     # the same rows as one frame: the same files
-    one = build.write_corpus(rows, tmp_path / "one", "c", 10)
+    one = write_corpus(rows, tmp_path / "one", "c", 10)
     assert [f.replace("one/", "") for f in one["files"]["train"]] == written["files"]["train"]
 
 
 def test_the_mix_written_a_bucket_at_a_time_equals_the_in_memory_mix(tmp_path, monkeypatch):
     def corpus(prefix: str, n: int) -> pl.DataFrame:
-        return B.corpus_from_rows([dict(row_id=f"{prefix}{(i * 37) % n:04d}", source=prefix, documents=[f"{prefix}{i}"],
+        return corpus_from_rows([dict(row_id=f"{prefix}{(i * 37) % n:04d}", source=prefix, documents=[f"{prefix}{i}"],
                                         doc_ids=[f"{i}"], text=f"{prefix} {i}", split="train" if i % 5 else "eval",
                                         meta="{}") for i in range(n)])
 
     corpora = {"a": corpus("a", 230), "b": corpus("b", 40)}
-    files = {name: [tmp_path / f for f in build.write_corpus(frame, tmp_path, name, 50)["files"]["train"]]
+    files = {name: [tmp_path / f for f in write_corpus(frame, tmp_path, name, 50)["files"]["train"]]
              for name, frame in corpora.items()}
-    monkeypatch.setattr(build, "BUCKET_ROWS", 7)  # many buckets for a small mix
+    monkeypatch.setattr(mix, "BUCKET_ROWS", 7)  # many buckets for a small mix
     for cfg in (MixCorpus(enabled=True, weights={"a": 2, "b": 1}),
                 MixCorpus(enabled=True, weights={"a": 1, "b": 3}, total_rows=150)):  # b repeats rows
-        expected = B.mix_corpora(corpora, cfg, seed=3)
-        written = build.write_mix(files, tmp_path, cfg, 3, 60)
+        expected = mix_corpora(corpora, cfg, seed=3)
+        written = write_mix(files, tmp_path, cfg, 3, 60)
         got = pl.read_parquet([tmp_path / f for f in written["files"]["train"]])
         assert got.equals(expected.frame)
         assert written["report"] == expected.report
@@ -177,7 +183,7 @@ def test_hash_chunks_come_one_at_a_time_as_partition_by_would_give_them():
     frame = pl.DataFrame({"key": [f"k{(i * 7) % 23}" for i in range(500)], "i": list(range(500))})
     n = 5  # chunk_rows 100
     expected = frame.with_columns((pl.col("key").hash(seed=17) % n).alias("_c")).partition_by("_c", maintain_order=True)
-    got = list(B._chunks(frame, "key", 100))
+    got = list(hash_chunks(frame, "key", 100))
     assert len(got) == len(expected)
     for part, want in zip(got, expected):
         assert part.equals(want.drop("_c"))

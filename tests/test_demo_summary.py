@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import demo_summary  # noqa: E402
 from demo_summary import main, summarise  # noqa: E402  (bench/demo_summary.py: an import error must fail)
 
 
@@ -16,7 +17,8 @@ def write(path, data):
     path.write_text(json.dumps(data))
 
 
-def test_summary_places_each_stage_number_beside_its_baseline(tmp_path, capsys):
+def test_summary_places_each_stage_number_beside_its_baseline(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(demo_summary, "PSEUDO_RESULTS", tmp_path / "no_pseudo_results.json")
     demo = tmp_path / "demo"
     write(demo / "cpt" / "report.json", {"sources": {"esci": {"before": {"loss": 5.0, "perplexity": 150.0},
                                                               "after": {"loss": 4.0, "perplexity": 60.0},
@@ -48,3 +50,11 @@ def test_summary_places_each_stage_number_beside_its_baseline(tmp_path, capsys):
     assert (demo / "summary.png").stat().st_size > 0
     assert main([str(demo)]) == 0
     assert "0.72" in capsys.readouterr().out
+
+
+def test_the_pseudo_query_row_is_the_committed_bench_measurement_beside_real_pairs(tmp_path):
+    table = {"minilm_real": {"ndcg@10": {"mean": 0.64}}, "minilm_pseudo": {"ndcg@10": {"mean": 0.66}}}
+    (tmp_path / "r.json").write_text(json.dumps({"table": table, "steps": {"generate": {"model": "qwen"}}}))
+    [row] = demo_summary.pseudo_query_rows(tmp_path / "r.json")
+    assert (row["result"], row["baseline"], row["change"], row["model"]) == (0.66, 0.64, "+0.0200", "qwen")
+    assert demo_summary.pseudo_query_rows(tmp_path / "none.json")[0]["status"] == "not run"

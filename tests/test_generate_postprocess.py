@@ -156,7 +156,7 @@ def test_export_writes_the_shared_features_schema(tmp_path):
 
 def test_user_history_keeps_the_kar_leakage_guarded_prefix(tmp_path):
     from recforge.generate.generate_config import GenerateConfig
-    from recforge.generate.runner import read_records
+    from recforge.generate.inputs import read_records
 
     cfg = GenerateConfig.model_validate({
         "task": "kar_user_preference",

@@ -96,8 +96,10 @@ def test_every_input_is_an_output_row_or_a_failure_with_reason(finished_run):
     assert rc == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] is True and manifest["input_rows"] == 12
-    assert manifest["fingerprint"]["template_hash"] and manifest["fingerprint"]["engine"] == "transformers"
-    assert manifest["fingerprint"]["model_digest"]
+    contract = manifest["fingerprint"]  # recforge.run_contract: job, inputs, model, settings
+    assert contract["job"] == "generate" and contract["inputs"]["input.path"]["sha256"]
+    assert contract["settings"]["template_hash"] and contract["settings"]["engine"] == "transformers"
+    assert contract["model"]["digest"]
     for key in ("rows_per_s", "tokens_per_s", "failure_rate", "eta_s"):
         assert key in manifest["progress"]
     assert manifest["rejects"]["by_reason"]["prompt_too_long"] == 1
@@ -132,10 +134,10 @@ def test_rerun_skips_finished_rows_and_changed_fingerprint_is_refused(finished_r
     assert len(failed_rows(out)) == n_failed  # not duplicated by the rerun
 
     changed = load_recipe(GenerateConfig, tmp / "recipe.yaml", ["sampling.max_tokens=20"])
-    with pytest.raises(RecforgeError, match=r"another fingerprint \(differs in: sampling\)"):
+    with pytest.raises(RecforgeError, match=r"used a different fingerprint \(sampling\); .*--force"):
         run_generate(changed, progress=False)
     manifest = run_generate(changed, force=True, progress=False)
-    assert manifest["fingerprint_history"][-1]["sampling"]["max_tokens"] == 24
+    assert manifest["fingerprint_history"][-1]["settings"]["sampling"]["max_tokens"] == 24
     assert manifest["progress"]["rows_done"] == 0  # --force keeps the finished rows
 
     manifest = run_generate(changed, overwrite=True, progress=False)  # --overwrite starts over
@@ -170,11 +172,11 @@ def test_retrained_model_with_the_same_file_sizes_is_refused(tiny_model_dir, tmp
         f.seek(start)
         f.write(bytes([byte ^ 1]))
     assert weights.stat().st_size == size > 64 << 20
-    with pytest.raises(RecforgeError, match=r"another fingerprint \(differs in: model_digest\)"):
+    with pytest.raises(RecforgeError, match=r"used a different fingerprint \(model.digest\)"):
         run_generate(cfg, progress=False)
     resumed = run_generate(cfg, force=True, progress=False)  # --force resumes, and records both models
-    assert resumed["fingerprint_history"][-1]["model_digest"] == first["fingerprint"]["model_digest"]
-    assert resumed["fingerprint"]["model_digest"] != first["fingerprint"]["model_digest"]
+    assert resumed["fingerprint_history"][-1]["model"]["digest"] == first["fingerprint"]["model"]["digest"]
+    assert resumed["fingerprint"]["model"]["digest"] != first["fingerprint"]["model"]["digest"]
 
 
 def test_shards_partition_the_input(tiny_model_dir, tmp_path):
@@ -187,7 +189,7 @@ def test_shards_partition_the_input(tiny_model_dir, tmp_path):
         d = tmp_path / "out" / f"shard-{i:05d}-of-00002"
         rows = read_generations(d).to_pylist() + failed_rows(d)
         parts.append({r["id"] for r in rows})
-        assert json.loads((d / "fingerprint.json").read_text())["current"]["shard"] == f"{i}/2"
+        assert json.loads((d / "fingerprint.json").read_text())["settings"]["shard"] == f"{i}/2"
     assert not parts[0] & parts[1] and parts[0] | parts[1] == {str(i) for i in range(1, 9)}
     assert parts[0] and parts[1]
     assert len(read_generations(tmp_path / "out")) + sum(len(failed_rows(tmp_path / "out" / f"shard-{i:05d}-of-00002")) for i in range(2)) == 8
@@ -257,7 +259,7 @@ def test_eval_tags_cli_on_a_run(finished_run, tiny_model_dir, tmp_path, capsys):
 def test_a_recipe_split_override_picks_the_heldout_books_and_is_recorded(tiny_model_dir, tmp_path):
     """`split.eval_percent.book=50`: `input.split: heldout` keeps exactly the books the shared rule holds out;
     the manifest and fingerprint record the rule, and `eval tags` scores the run against the same held-out books."""
-    from recforge.generate.runner import read_records
+    from recforge.generate.inputs import read_records
     from recforge.generate.tag_eval import read_truth
     from recforge.splits import SplitRule, describe, is_eval
 
@@ -276,7 +278,7 @@ def test_a_recipe_split_override_picks_the_heldout_books_and_is_recorded(tiny_mo
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["split_rule"] == {"source": "recipe", **rule.model_dump()}
     assert manifest["input_rows"] == len(want)
-    assert json.loads((out / "fingerprint.json").read_text())["current"]["split_rule"] == rule.model_dump()
+    assert json.loads((out / "fingerprint.json").read_text())["settings"]["split_rule"] == rule.model_dump()
     rows = read_generations(out).to_pylist() + failed_rows(out)
     assert sorted(r["id"] for r in rows) == sorted(want)
 

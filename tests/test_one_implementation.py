@@ -29,9 +29,10 @@ def write_features(path: Path, rows=ROWS) -> Path:
 
 
 def test_every_stage_reads_the_features_table_through_the_core_reader(tmp_path):
-    from recforge.align.ctr.run import knowledge_texts
+    from recforge.align.ctr.dense_inputs import knowledge_texts
     from recforge.data_recipes.build import read_features
-    from recforge.readers import SourceConfig, read_features_table
+    from recforge.features_table import read_features_table
+    from recforge.readers import SourceConfig
 
     table = write_features(tmp_path / "export" / "features.parquet")
     assert read_features_table(str(table), "k") == ROWS
@@ -59,7 +60,7 @@ def test_a_bad_features_table_is_one_line_naming_the_key(tmp_path, case, needle)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from recforge.readers import features_table
+    from recforge.features_table import features_table
 
     path = tmp_path / "features.parquet"
     if case == "empty_folder":

@@ -141,7 +141,7 @@ def align_stage(goodbooks_pairs: Path) -> tuple[set[str], set[str], list[dict]]:
 
 def tags_eval_stage(tmp_path: Path) -> tuple[set[str], dict]:
     from recforge.generate.generate_config import GenerateConfig
-    from recforge.generate.runner import read_records
+    from recforge.generate.inputs import read_records
     from recforge.generate.tag_eval import evaluate_tags
 
     cfg = load_recipe(GenerateConfig, REPO / "generate/recipes/goodbooks_tags.yaml", [f"out_dir={tmp_path}"])

@@ -142,7 +142,8 @@ def test_a_changed_input_file_refuses_the_resume_and_leaves_the_run_as_it_was(ti
     capsys.readouterr()
     assert main(["generate", str(path), "--no-progress"]) == 2
     line = one_line_error(capsys)
-    assert "input.path" in line and str(items) in line and "changed since this run started" in line and "--overwrite" in line
+    assert line.startswith(f"recforge: error: input.path {items}: the input's content changed since the run in {out} started")
+    assert "--overwrite" in line
     assert {name: (out / name).read_bytes() for name in kept} == kept  # nothing of the previous run replaced
     assert ids_written(out) == before  # no mixed rows
     assert main(["generate", str(path), "--no-progress", "--overwrite"]) == 0
@@ -155,7 +156,7 @@ def test_a_refused_fingerprint_leaves_config_and_manifest_byte_identical(finishe
     kept = {name: (out / name).read_bytes() for name in ("resolved_config.yaml", "manifest.json")}
     capsys.readouterr()
     assert main(["generate", str(finished.parent / "recipe.yaml"), f"out_dir={out}", "sampling.max_tokens=5", "--no-progress"]) == 2
-    assert "another fingerprint" in one_line_error(capsys)
+    assert "used a different fingerprint (sampling)" in one_line_error(capsys)
     assert {name: (out / name).read_bytes() for name in kept} == kept
 
 
@@ -168,8 +169,9 @@ def test_the_history_items_file_is_a_checked_input(tiny_model_dir, tmp_path):
     cfg = load_recipe(GenerateConfig, recipe(tmp_path, tiny_model_dir, users, **{
         "task": "kar_user_preference", "input.kind": "records", "input.id": "user_id", "input.fields": {},
         "input.constants": {"entity_type": "user"}, "input.history": {"items_path": str(tmp_path / "books.jsonl")}}))
-    run = GenerationRun(cfg, ShardSpec.parse(None), progress=False)
-    assert run.input_paths() == {"input.path": str(users), "input.history.items_path": str(tmp_path / "books.jsonl")}
+    inputs = GenerationRun(cfg, ShardSpec.parse(None), progress=False).contract()["inputs"]
+    assert {k: v["path"] for k, v in inputs.items()} == {"input.path": str(users), "input.history.items_path": str(tmp_path / "books.jsonl")}
+    assert inputs["input.path"]["sha256"] and inputs["input.history.items_path"]["sha256"] is None  # not there yet
 
 
 def test_rejects_are_per_run_and_counted(tiny_model_dir, tmp_path):
@@ -382,7 +384,7 @@ def test_input_split_uses_the_named_entity_of_the_one_split_rule(tiny_model_dir,
     import polars as pl
 
     from recforge.data_recipes.splits import SplitConfig, with_hash_split
-    from recforge.generate.runner import read_records
+    from recforge.generate.inputs import read_records
     from recforge.splits import is_eval
 
     ids = [f"B0{i:07d}" for i in range(200)]
@@ -399,7 +401,7 @@ def test_input_split_uses_the_named_entity_of_the_one_split_rule(tiny_model_dir,
 
 
 def test_the_shipped_goodbooks_tags_recipe_keeps_its_book_split(repo_root, tmp_path):
-    from recforge.generate.runner import read_records
+    from recforge.generate.inputs import read_records
     from recforge.splits import is_eval
 
     cfg = load_recipe(GenerateConfig, repo_root / "generate/recipes/goodbooks_tags.yaml")

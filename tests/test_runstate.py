@@ -1,5 +1,5 @@
 """The run-folder contracts every writing command relies on (recforge.runstate): one writer per folder, a
-manifest that says whether the run finished, and input-content digests for resume checks."""
+manifest that says whether the run finished; and input-content digests for resume checks (recforge.run_contract)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,6 @@ from recforge.config import RecforgeError
 from recforge.manifest import RunRecorder
 from recforge.runstate import (
     LOCK_NAME,
-    changed_inputs,
-    input_digests,
     output_lock,
     producer_of,
     require_complete,
@@ -101,11 +99,14 @@ def test_incomplete_generate_run_is_refused_and_foreign_files_pass(tmp_path):
 
 
 def test_input_digests_follow_content_not_name(tmp_path):
+    from recforge.run_contract import changed_inputs, make
+
     f = tmp_path / "input.jsonl"
     f.write_text('{"id": 1}\n')
-    before = input_digests({"input.path": f})
+    before = make("job", {"input.path": f}, {}, {})
     time.sleep(0.01)
     f.write_text('{"id": 2}\n')
-    after = input_digests({"input.path": f})
+    after = make("job", {"input.path": f}, {}, {})
     assert changed_inputs(before, after) == ["input.path"]
-    assert changed_inputs(after, input_digests({"input.path": f})) == []
+    assert changed_inputs(after, make("job", {"input.path": f}, {}, {})) == []
+    assert changed_inputs(after, make("job", {"input.path": tmp_path / "gone"}, {}, {})) == []  # its reader says

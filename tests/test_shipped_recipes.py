@@ -222,7 +222,7 @@ def test_shipped_recipe_loads_and_its_references_resolve(rel, tmp_path, monkeypa
 
 def check_generate_prompt(cfg: GenerateConfig, refs: Refs, tmp_path: Path) -> None:
     """The prompt spec and template load, and render the first input records (the runner's own reader)."""
-    from recforge.generate.runner import read_records, resolve_taxonomy
+    from recforge.generate.inputs import read_records, resolve_taxonomy
     from recforge.prompts import load_prompt
 
     template = load_prompt(cfg.task)

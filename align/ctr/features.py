@@ -10,6 +10,14 @@ A table is a folder:
 on any mismatch (dimension, model, normalisation), on a vector of the wrong length, and on NaN/inf,
 naming the table and the offending ids. A ranking job should never silently read vectors from a
 different model.
+
+A text -> vector cache (`cached_text_vectors`: BAHE's behaviours, LARR's scene texts) also records in
+contract.json, under "run_contract", what its vectors were made from in the project's one resume format
+(`recforge.run_contract`: job, inputs, model, settings), and is reused only where `run_contract.check` finds
+nothing changed: the model by content (its folder digest, so a copied folder still matches and a retrained one
+of the same size does not), the embedding settings (dimension, entity, normalisation, text normalisation) and
+the caller's (layers, pooling, token cap...). No inputs: the texts are the cache's keys, so a new or edited
+text is encoded and added, never answered with another text's vector.
 """
 
 from __future__ import annotations
@@ -24,12 +32,15 @@ from typing import Any, Callable
 
 import numpy as np
 
-from recforge import __version__
+from recforge import __version__, run_contract
 from recforge.config import RecforgeError
 from recforge.io import atomic_write_json, resolve_path, write_parquet_atomic
 
 CONTRACT_FILE = "contract.json"
 VECTORS_FILE = "vectors.parquet"
+# the contract.json fields `write_feature_table` writes itself; the rest are the caller's `extra`
+TABLE_FIELDS = ("name", "version", "entity", "id_column", "rows", "model", "dimension", "dtype", "normalized",
+                "created_at", "source_hashes", "content_sha256", "recforge_version", "run_contract")
 
 
 class FeatureContractError(RecforgeError):
@@ -60,7 +71,7 @@ class FeatureExpectation:
     model_revision: str | None = None
     normalized: bool | None = None
     entity: str | None = None
-    # further contract keys that must match exactly (BAHE's cache: model fingerprint, lower_layers, pooling)
+    # further contract keys that must match exactly (e.g. a cache's lower_layers or pooling)
     extra: tuple[tuple[str, Any], ...] = ()
 
 
@@ -75,8 +86,10 @@ def write_feature_table(
     normalized: bool,
     source_hashes: dict[str, str],
     extra: dict[str, Any] | None = None,
+    run: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write `vectors.parquet` and `contract.json` atomically; returns the contract."""
+    """Write `vectors.parquet` and `contract.json` atomically; returns the contract. `run`: the table's
+    `recforge.run_contract` contract (a cache's), recorded under "run_contract"."""
     import pyarrow as pa
 
     vectors = np.asarray(vectors, dtype=np.float32)
@@ -110,6 +123,7 @@ def write_feature_table(
         "content_sha256": content_hash,
         "recforge_version": __version__,
         **(extra or {}),
+        **({"run_contract": run} if run is not None else {}),
     }
     atomic_write_json(out / CONTRACT_FILE, contract)
     return contract
@@ -217,6 +231,38 @@ def text_key(text: str) -> str:
     return hashlib.blake2b(normalise_text(text).encode(), digest_size=16).hexdigest()
 
 
+def text_vectors_contract(name: str, entity: str, model: str, dimension: int, settings: dict[str, Any]) -> dict:
+    """The `recforge.run_contract` contract of a text -> vector cache (see the module doc): job = the table's
+    name, no inputs, the model by content (a hub id by name), `settings` plus the table's embedding fields."""
+    digest = run_contract.model_digest(model)
+    return run_contract.make(name, {}, {"digest": digest} if digest else {"name": model},
+                             {**settings, "entity": entity, "dimension": dimension, "normalized": False})
+
+
+def recorded_run_contract(table: dict[str, Any]) -> dict:
+    """A cache's contract.json -> its run contract. A cache written before it recorded one: rebuilt from the
+    flat fields (the model from its revision, the caller's fields and the embedding fields as settings)."""
+    if "run_contract" in table:
+        return table["run_contract"]
+    kind, _, value = table["model"]["revision"].partition(":")
+    model = {"folder-sha256": {"digest": value}, "name": {"name": value}}.get(kind, {"revision": table["model"]["revision"]})
+    settings = {k: v for k, v in table.items() if k not in TABLE_FIELDS}
+    settings.update(entity=table["entity"], dimension=table["dimension"], normalized=table["normalized"])
+    return {"job": table["name"], "inputs": {}, "model": model, "settings": settings}
+
+
+def contract_differences(previous: dict, current: dict) -> str:
+    """What `run_contract.changed_keys` names, with both values: `lower_layers 2 != expected 1; ...`."""
+    def value(contract: dict, key: str) -> Any:
+        if key == "job":
+            return contract.get("job")
+        section, leaf = ("model", key[len("model."):]) if key.startswith("model.") else ("settings", key)
+        return (contract.get(section) or {}).get(leaf)
+
+    return "; ".join(f"{k} {value(previous, k)!r} != expected {value(current, k)!r}"
+                     for k in run_contract.changed_keys(previous, current))
+
+
 def cached_text_vectors(
     table_dir: str | Path,
     *,
@@ -231,23 +277,31 @@ def cached_text_vectors(
 ) -> tuple[dict[str, int], np.ndarray, dict[str, Any]]:
     """Vectors of distinct normalised texts from a feature table keyed by `text_key`, encoding only what is new.
 
-    `contract` (model fingerprint, layers, pooling, ...) must match the stored table's exactly: a table of
-    another model or setting is refused, naming the key that differs, never mixed or silently rebuilt.
-    Returns ({text key: row}, vectors, what was reused / encoded).
+    `contract` (model fingerprint, layers, pooling, ...) and `model`'s content must match the stored table's
+    (`text_vectors_contract`, checked by `recforge.run_contract.check`): a table of another model or setting is
+    refused, naming what differs, never mixed or silently rebuilt. `contract`'s fields are also written flat
+    into contract.json. Returns ({text key: row}, vectors, what was reused / encoded).
     """
     wanted: dict[str, str] = {}
     for text in texts:
         wanted.setdefault(text_key(text), normalise_text(text))
     contract = {**contract, "text_normalisation": TEXT_NORMALISATION}
+    current = text_vectors_contract(name, entity, model, dimension, contract)
     table_dir = Path(table_dir)
+    path = table_dir / CONTRACT_FILE
     ids: list[str] = []
     vectors = np.zeros((0, dimension), np.float32)
-    if (table_dir / CONTRACT_FILE).is_file():
-        expect = FeatureExpectation(dimension=dimension, normalized=False, entity=entity, extra=tuple(contract.items()))
-        try:
-            ids, vectors, _ = load_feature_table(table_dir, expect)
-        except FeatureContractError as err:
-            raise FeatureContractError(f"{config_key}: {err}; delete it or point {config_key} elsewhere to rebuild") from None
+    try:
+        previous = run_contract.load(path, recorded_run_contract)
+    except RecforgeError:
+        raise FeatureContractError(f"{config_key}: {path} is not a readable feature-table contract; delete {table_dir} "
+                                   f"or point {config_key} elsewhere to rebuild") from None
+    if previous is not None:
+        if run_contract.check(previous, current, path) is not None:
+            raise FeatureContractError(f"{config_key}: feature table {table_dir} was made differently: "
+                                       f"{contract_differences(previous, current)}; delete it or point {config_key} "
+                                       "elsewhere to rebuild")
+        ids, vectors, _ = load_feature_table(table_dir)
     have = set(ids)
     missing = [k for k in wanted if k not in have]
     started = time.time()
@@ -255,7 +309,7 @@ def cached_text_vectors(
         new = np.asarray(encode([wanted[k] for k in missing]), dtype=np.float32)
         ids, vectors = ids + missing, np.vstack([vectors, new])
         written = write_feature_table(table_dir, name=name, entity=entity, ids=ids, vectors=vectors, model=model,
-                                      normalized=False, source_hashes={}, extra=contract)
+                                      normalized=False, source_hashes={}, extra=contract, run=current)
     else:
         written = read_contract(table_dir)
     info = {"table": str(table_dir), "version": written["version"], "distinct_texts": len(wanted),
