@@ -211,12 +211,14 @@ clean:
 .PHONY: align-pseudo
 PSEUDO ?= $(RUNS)/pseudo
 PSEUDO_ENGINE ?= $(DEMO_ENGINE)
+# the generator: smollm2 by default (minutes); the measured table used PSEUDO_LLM=qwen2.5-0.5b PSEUDO_ENGINE=transformers (77 min)
+PSEUDO_LLM ?= smollm2
 PSEUDO_K ?= 3
 PSEUDO_TOP_K ?= 5
 PSEUDO_WEIGHT ?= 1.0
 PSEUDO_PAIRS = 'data.extra_pairs=[{path: $(PSEUDO)/filter/pairs.parquet, weight: $(PSEUDO_WEIGHT)}]' loss.use_pair_weights=true
 align-pseudo: $(STAMP)
-	$(RF) generate generate/recipes/esci_pseudo_queries.yaml engine.kind=$(PSEUDO_ENGINE) prompt_vars.k=$(PSEUDO_K) out_dir=$(PSEUDO)/generate
+	$(RF) generate generate/recipes/esci_pseudo_queries.yaml model.name_or_path=$(PSEUDO_LLM) engine.kind=$(PSEUDO_ENGINE) prompt_vars.k=$(PSEUDO_K) out_dir=$(PSEUDO)/generate
 	$(RF) pseudo-filter align/recipes/esci_pseudo_filter.yaml generated=$(PSEUDO)/generate top_k=$(PSEUDO_TOP_K) out_dir=$(PSEUDO)/filter
 	$(RF) align align/recipes/esci_minilm.yaml out_dir=$(PSEUDO)/align_minilm_real
 	$(RF) align align/recipes/esci_minilm_pseudo.yaml $(PSEUDO_PAIRS) out_dir=$(PSEUDO)/align_minilm_pseudo

@@ -396,11 +396,18 @@ def main() -> int:
     ap.add_argument("--update-align-from", metavar="JSON",
                     help="only replace the align rows of the written table with a finished bench/align_pseudo.py JSON "
                          "(the same recipes and seeds; its path is recorded) and re-render it")
+    ap.add_argument("--update-ctr-from", metavar="DATASET=JSON", nargs="+", default=[],
+                    help="only replace a dataset's CTR rows with a finished verdict.json of its *_verdict recipe "
+                         "(e.g. goodbooks=bench/results/ctr_verdict_goodbooks.json; its path is recorded)")
     args = ap.parse_args()
     out = ROOT / args.out
-    if args.update_align_from:
+    if args.update_align_from or args.update_ctr_from:
         report = load(out.with_suffix(".json"))
-        report["align"] = align_table((ROOT / args.update_align_from).resolve())
+        if args.update_align_from:
+            report["align"] = align_table((ROOT / args.update_align_from).resolve())
+        for item in args.update_ctr_from:
+            dataset, _, path = item.partition("=")
+            report["ctr"][dataset] = {**verdict_summary(load(ROOT / path)), "source": path}
         atomic_write_json(out.with_suffix(".json"), report)
         atomic_write_text(out.with_suffix(".md"), markdown(report))
         return 0
