@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from recforge.io import atomic_write_json, atomic_write_text  # noqa: E402  (a killed run leaves no half-written table)
 METRICS = ("ndcg@10", "recall@50", "mrr@10")
 
 VARIANTS = {
@@ -148,16 +150,15 @@ def main() -> int:
             with lock:
                 rows[key] = row
                 summarize(report, args.seeds)
-                out_path.parent.mkdir(parents=True, exist_ok=True)
-                out_path.write_text(json.dumps(report, indent=1) + "\n")
+                atomic_write_json(out_path, report)
 
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
         list(pool.map(one, todo))
     summarize(report, args.seeds)
-    out_path.write_text(json.dumps(report, indent=1) + "\n")
-    out_path.with_suffix(".md").write_text(markdown(report))
+    atomic_write_json(out_path, report)
+    atomic_write_text(out_path.with_suffix(".md"), markdown(report))
     print(markdown(report))
     return 0
 
